@@ -1,0 +1,228 @@
+"""Forward hooks: the last-block hook that runs the plugin chain, the VFM key capture, and CASS's
+:class:`SpectralAttentionHook` component (cass.md §2).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import pluggy
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import spectral
+from .backbone import ViTAccess, vit_access
+from .image import IMAGENET_MEAN, IMAGENET_STD, to_vfm_normalization
+from .matching import HeadMatching, match_heads
+from .plugins import BlockContext, hookimpl
+from .presets import Config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PatchState", "LastBlockHook", "VFMRunner", "SpectralAttentionHook"]
+
+
+@dataclass
+class PatchState:
+    """Mutable per-forward state shared by the hooks of one patch."""
+
+    images: Tensor | None = None  # crops seen by the patch embedding (CLIP-normalised)
+    grid: tuple[int, int] | None = None
+    output_grid: tuple[int, int] | None = None
+    bypass: bool = False  # run the unmodified block (used for whole-image embeddings)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class LastBlockHook:
+    """Forward hook on the CLIP tower's last block: replaces the patch rows of its output.
+
+    Prefix rows (CLS) keep the unmodified block's output, so the pooled image embedding of the patched model is
+    the original one (cass.md §1).
+    """
+
+    def __init__(self, access: ViTAccess, pm: pluggy.PluginManager, state: PatchState) -> None:
+        self.access, self.pm, self.state = access, pm, state
+
+    def observe_images(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        images = args[0]
+        self.state.images = images
+        self.state.grid = self.access.grid_for(images.shape[-2], images.shape[-1])
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        if self.state.bypass:
+            return None
+        acc = self.access
+        x = acc.to_batch_first(args[0])
+        out = acc.to_batch_first(output)
+        grid = self._grid(x.shape[1] - acc.num_prefix_tokens)
+        q, k, v = acc.qkv(x)
+        images = self.state.images if self.state.images is not None and self.state.images.shape[0] == x.shape[0] else None
+        ctx = BlockContext(access=acc, x=x, block_output=out, q=q, k=k, v=v, grid=grid, images=images)
+        graphs = self.pm.hook.cass_attention_graphs(ctx=ctx)
+        if graphs is None:
+            raise RuntimeError("no baseline plugin produced attention graphs; register one (e.g. adapters.NACLIP)")
+        ctx.graphs = list(graphs)
+        self.pm.hook.cass_refine_graphs(ctx=ctx)
+        patch = self.pm.hook.cass_block_output(ctx=ctx)
+        self.state.output_grid = ctx.output_grid or grid
+        self.state.record = ctx.record
+        new = torch.cat([out[:, : acc.num_prefix_tokens], patch.to(out.dtype)], dim=1)
+        return acc.from_batch_first(new)
+
+    def _grid(self, num_patches: int) -> tuple[int, int]:
+        grid = self.state.grid
+        if grid is not None and grid[0] * grid[1] == num_patches:
+            return grid
+        side = int(round(num_patches ** 0.5))
+        if side * side != num_patches:
+            raise RuntimeError(
+                f"cannot infer the patch grid of {num_patches} tokens; run the model through its patch embedding "
+                "(model.encode_image / cass_plugins.encode_dense) so the hook sees the image size"
+            )
+        return side, side
+
+
+class _KeysCaptured(Exception):
+    """Raised by the VFM's last-block pre-hook: nothing after the keys is needed."""
+
+
+class VFMRunner:
+    """Runs a vision foundation model on CLIP-normalised crops and returns its last-block keys or features.
+
+    The last block's input is captured by a forward pre-hook (its handle lives in :attr:`handle`); when only keys
+    are wanted the hook stops the forward there, so the VFM's last block and head never run.
+    """
+
+    def __init__(
+        self,
+        vfm: nn.Module,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        pos_interp: str | None = None,
+    ) -> None:
+        self.model = vfm
+        self.access = vit_access(vfm, pos_interp=pos_interp)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._captured: Tensor | None = None
+        self._stop = False
+        self.handle = self.access.last_block.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        self._captured = args[0]
+        if self._stop:
+            raise _KeysCaptured
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def prepare(self, clip_images: Tensor, square: bool) -> Tensor:
+        """CLIP-normalised crops → the VFM's normalisation, optionally resized to a square of the short side."""
+        x = to_vfm_normalization(clip_images.float(), self.mean, self.std)
+        if square:
+            side = min(x.shape[-2:])
+            if x.shape[-2] != side or x.shape[-1] != side:
+                x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=False)
+        return x.to(self.access.dtype)
+
+    def _run(self, x: Tensor, stop: bool) -> tuple[Tensor, tuple[int, int]]:
+        acc = self.access
+        tokens, grid = acc.embed(x)
+        self._stop = stop
+        try:
+            tokens = acc.run_blocks(tokens, acc.blocks)
+        except _KeysCaptured:
+            tokens = None
+        finally:
+            self._stop = False
+        return (tokens if tokens is not None else self._captured), grid
+
+    def keys(self, clip_images: Tensor, square: bool = True) -> tuple[Tensor, tuple[int, int]]:
+        """Last-block attention keys of the patch tokens ``(B, h_v, N_v, Dh_v)`` and the VFM grid (cass.md §2.1)."""
+        x = self.prepare(clip_images, square)
+        last_in, grid = self._run(x, stop=True)
+        _, k, _ = self.access.qkv(self.access.to_batch_first(last_in))
+        return k[:, :, self.access.num_prefix_tokens:], grid
+
+    def features(self, clip_images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Final-norm output of the last block for the patch tokens, ``(B, C, gh, gw)`` (ProxyCLIP's ``E``)."""
+        x = self.prepare(clip_images, square=False)
+        tokens, grid = self._run(x, stop=False)
+        norm = getattr(self.model, "norm", None)
+        tokens = norm(tokens) if norm is not None else tokens
+        patches = tokens[:, self.access.num_prefix_tokens:]
+        return patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid), grid
+
+
+def resize_keys(keys: Tensor, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
+    """Bilinearly resize per-head key maps ``(B, h, Ns, Dh)`` from grid ``src`` to ``dst`` (cass.md §2.2)."""
+    if tuple(src) == tuple(dst):
+        return keys
+    b, h, _, dh = keys.shape
+    maps = keys.permute(0, 1, 3, 2).reshape(b, h * dh, *src)
+    maps = F.interpolate(maps.float(), size=dst, mode="bilinear", align_corners=False).to(keys.dtype)
+    return maps.reshape(b, h, dh, dst[0] * dst[1]).permute(0, 1, 3, 2)
+
+
+class SpectralAttentionHook:
+    """CASS spectral object-level context distillation as a last-block component (cass.md §2).
+
+    For every image: VFM keys resized to the CLIP grid and range-matched to the CLIP keys; per-head graphs; top-m
+    normalised spectra; Hungarian head matching on ``1 - W``; the matched VFM graph's low-rank approximation with
+    dynamic eigenscaling, zero diagonal, range-matched to the CLIP graph, fused with weight ``λ·w``.
+
+    The last matching of every image is kept in :attr:`last_matching` (cost, assignment, weights, ranks, margin).
+    """
+
+    def __init__(self, vfm: VFMRunner, config: Config) -> None:
+        self.vfm = vfm
+        self.config = config
+        self.last_matching: list[HeadMatching] = []
+
+    @hookimpl(tryfirst=True)
+    def cass_refine_graphs(self, ctx: BlockContext) -> None:
+        cfg = self.config
+        if ctx.graph_tokens != "patches":
+            raise RuntimeError("spectral distillation fuses patch-only graphs; the baseline must drop CLS")
+        if ctx.images is None:
+            raise RuntimeError("the crop that entered CLIP was not observed; call the model on images")
+        clip_k = ctx.patch_k
+        b, h, n, _ = clip_k.shape
+        vfm_k, vgrid = self.vfm.keys(ctx.images)
+        if cfg.vfm_fp16_keys:
+            vfm_k = vfm_k.half()
+        vfm_k = resize_keys(vfm_k.to(clip_k.dtype), vgrid, ctx.grid)
+        vfm_k = spectral.range_match(vfm_k, clip_k, dims=(1, 2, 3))
+        scale = ctx.access.scale  # both graphs use CLIP's Dh^-0.5 (cass.md §9)
+        spec_c = spectral.normalize_spectrum(spectral.key_spectrum(clip_k, scale, cfg.spectrum_size))
+        spec_v = spectral.normalize_spectrum(spectral.key_spectrum(vfm_k, scale, cfg.spectrum_size))
+        cost = spectral.spectral_cost(spec_v, spec_c)  # (B, Hv, Hc)
+        solve_dtype = torch.float32 if cfg.solve_dtype == "float32" else torch.float64
+        matchings = [
+            match_heads(cost[i], cfg.matching, solve_dtype=solve_dtype, tie_break=cfg.tie_break, pairing=cfg.pairing)
+            for i in range(b)
+        ]
+        assignment = torch.stack([m.assignment for m in matchings]).to(clip_k.device)  # (B, Hc)
+        weights = torch.stack([m.weights for m in matchings]).to(clip_k.device, torch.float64)
+        idx = assignment[:, :, None, None].expand(b, h, n, vfm_k.shape[-1])
+        matched_k = torch.gather(vfm_k, 1, idx)  # (B, Hc, N, Dh_v)
+        vfm_graph = spectral.attention_graph(matched_k, scale)
+        ranks = None
+        if cfg.lowrank is not None:
+            u, s, v, ranks = spectral.low_rank(
+                vfm_graph, cfg.rank, cfg.lowrank, keys=matched_k, scale=scale, seed=cfg.lowrank_seed,
+                eta=cfg.energy_eta,
+            )
+            if cfg.eigenscaling:
+                s = spectral.eigenscale(s, cfg.eigenscale_eps, mask=spectral.rank_mask(ranks, s.shape[-1]))
+            vfm_graph = spectral.low_rank_graph(u, s, v)
+        vfm_graph = spectral.zero_diagonal(vfm_graph)
+        for i, graph in enumerate(ctx.graphs):
+            d = spectral.range_match(vfm_graph, graph, dims=(2, 3))
+            ctx.graphs[i] = spectral.fuse_graphs(d, graph, weights, cfg.fusion_lambda).to(graph.dtype)
+        for i, m in enumerate(matchings):
+            m.ranks = None if ranks is None else ranks[i].detach().cpu()
+        self.last_matching = matchings
+        ctx.record["matching"] = matchings
+

@@ -1,0 +1,172 @@
+"""Plugin system: pluggy hook specifications for every extension point, one ``hookimpl`` marker, discovery.
+
+A patched model owns a :class:`pluggy.PluginManager` holding exactly one *baseline* plugin (how the last block
+computes its patch tokens: NACLIP, SCLIP, ...) and any number of *component* plugins (CASS spectral distillation,
+the presence prior, the text adjustment, third-party additions). The last-block forward hook calls, in order:
+
+1. ``cass_attention_graphs`` (baseline, first result) - the pre-softmax patch attention graphs;
+2. ``cass_refine_graphs`` (components) - edit ``ctx.graphs`` in place (e.g. fuse the VFM graph);
+3. ``cass_block_output`` (baseline, first result) - the block's patch-token output from the graphs.
+
+The segmentation pipeline calls ``cass_adjust_text`` per window and ``cass_refine_logits`` per window.
+
+Third-party packages add baselines or components through the ``cass_plugins`` entry-point group: the entry point
+names a module or object with ``@hookimpl def cass_register(registry)``; see :func:`load_entry_point_plugins`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pluggy
+from torch import Tensor
+
+PROJECT = "cass_plugins"
+ENTRY_POINT_GROUP = "cass_plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = [
+    "hookspec", "hookimpl", "BlockContext", "TextContext", "LogitsContext", "Registry", "REGISTRY",
+    "make_plugin_manager", "load_entry_point_plugins",
+]
+
+
+@dataclass
+class BlockContext:
+    """What the last-block hook knows about one forward pass (all tensors batch-first).
+
+    Attributes:
+        access: the :class:`~cass_plugins.backbone.ViTAccess` of the CLIP tower.
+        x: input tokens of the last block ``(B, T, D)``.
+        block_output: the unmodified block's output ``(B, T, D)`` (its CLS row is the image embedding).
+        q, k, v: ``(B, h, T, Dh)`` of the last block, prefix tokens included.
+        grid: CLIP patch grid ``(gh, gw)``.
+        images: the CLIP-normalised crops that entered the model (``None`` if not observed).
+        graph_tokens: ``"all"`` (CLS takes part in the attention) or ``"patches"``.
+        graphs: the baseline's pre-softmax attention graphs ``(B, h|1, Tq, Tk)``, edited by components.
+        patch_output: ``(B, N', D)`` set by ``cass_block_output``.
+        output_grid: grid of ``patch_output`` (differs from ``grid`` for ProxyCLIP).
+        record: per-forward inspection data (e.g. ``"matching"``) copied to the patch handle.
+    """
+
+    access: Any
+    x: Tensor
+    block_output: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    grid: tuple[int, int]
+    images: Tensor | None = None
+    graph_tokens: str = "patches"
+    graphs: list[Tensor] = field(default_factory=list)
+    patch_output: Tensor | None = None
+    output_grid: tuple[int, int] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_prefix(self) -> int:
+        return self.access.num_prefix_tokens
+
+    @property
+    def patch_k(self) -> Tensor:
+        return self.k[:, :, self.num_prefix:]
+
+    @property
+    def patch_v(self) -> Tensor:
+        return self.v[:, :, self.num_prefix:]
+
+
+@dataclass
+class TextContext:
+    """One window's text side: ``text`` ``(B, Q, d)`` may be replaced by components."""
+
+    features: Tensor  # (B, gh, gw, d) projected patch features of the window
+    text: Tensor  # (B, Q, d) per-window text embeddings (start: the vocabulary's)
+    prior: Tensor | None  # (B, Q) presence prior cosine scores, if computed
+    vocabulary: Any
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LogitsContext:
+    """One window's logits ``(B, Q, gh, gw)``, refined in place by components."""
+
+    logits: Tensor
+    features: Tensor
+    text: Tensor
+    prior: Tensor | None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class CassSpec:
+    """Hook specifications (documented empty functions, pluggy style)."""
+
+    @hookspec
+    def cass_register(self, registry: "Registry") -> None:
+        """Register named baselines and components (called once when entry-point plugins load)."""
+
+    @hookspec(firstresult=True)
+    def cass_attention_graphs(self, ctx: BlockContext) -> list[Tensor] | None:
+        """Return the baseline's pre-softmax attention graphs for the patch tokens (first result wins)."""
+
+    @hookspec
+    def cass_refine_graphs(self, ctx: BlockContext) -> None:
+        """Edit ``ctx.graphs`` in place before the baseline turns them into attention (e.g. VFM fusion)."""
+
+    @hookspec(firstresult=True)
+    def cass_block_output(self, ctx: BlockContext) -> Tensor | None:
+        """Return the last block's patch-token output ``(B, N', D)`` from ``ctx.graphs`` (first result wins)."""
+
+    @hookspec
+    def cass_adjust_text(self, ctx: TextContext) -> None:
+        """Replace ``ctx.text`` with per-window adjusted text embeddings (e.g. OTA)."""
+
+    @hookspec
+    def cass_refine_logits(self, ctx: LogitsContext) -> None:
+        """Replace ``ctx.logits`` with refined window logits (e.g. the presence prior)."""
+
+
+class Registry:
+    """Named factories for baselines and components, filled by built-ins and entry-point plugins."""
+
+    def __init__(self) -> None:
+        self.baselines: dict[str, Callable[..., Any]] = {}
+        self.components: dict[str, Callable[..., Any]] = {}
+
+    def add_baseline(self, name: str, factory: Callable[..., Any]) -> None:
+        self.baselines[name] = factory
+
+    def add_component(self, name: str, factory: Callable[..., Any]) -> None:
+        self.components[name] = factory
+
+    def baseline(self, name: str) -> Callable[..., Any]:
+        import adapters  # noqa: F401  (registers the built-in baselines)
+
+        load_entry_point_plugins()
+        if name not in self.baselines:
+            raise ValueError(f"unknown baseline {name!r}; available: {sorted(self.baselines)}")
+        return self.baselines[name]
+
+
+REGISTRY = Registry()
+_ENTRY_POINTS_LOADED = False
+
+
+def make_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(CassSpec)
+    return pm
+
+
+def load_entry_point_plugins() -> int:
+    """Load third-party plugins from the ``cass_plugins`` entry-point group once; returns how many loaded."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return 0
+    _ENTRY_POINTS_LOADED = True
+    pm = make_plugin_manager()
+    count = pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    pm.hook.cass_register(registry=REGISTRY)
+    return count
