@@ -50,3 +50,10 @@ def tiny_clip() -> torch.nn.Module:
 @pytest.fixture
 def tiny_vfm() -> torch.nn.Module:
     return make_tiny_vfm()
+
+
+@pytest.fixture
+def openai_clip() -> torch.nn.Module:
+    from openai_style import make_openai_style_clip
+
+    return make_openai_style_clip()
