@@ -1,0 +1,144 @@
+"""Logit resizing and the label decision (protocol.md §8), against float64 numpy re-computations and hand cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cass_plugins.postprocess import logits_to_labels, upsample_logits
+
+
+def _softmax_np(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# -------------------------------------------------------------------------------------------------- upsampling
+
+
+def test_two_step_equals_explicit_chain_and_differs_from_one_step():
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.randn(4, 5, 7, generator=gen)
+    via, size = (80, 112), (61, 90)
+    chain = F.interpolate(
+        F.interpolate(grid[None], size=via, mode="bilinear", align_corners=False),
+        size=size, mode="bilinear", align_corners=False,
+    )[0]
+    single = F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
+    two = upsample_logits(grid, size, two_step_via=via)
+    one = upsample_logits(grid, size)
+    assert two.shape == one.shape == (4, *size)
+    assert torch.equal(two, chain)
+    assert torch.equal(one, single)
+    assert not torch.allclose(two, one, atol=1e-3)  # the two protocols really differ
+    assert upsample_logits(grid[None], size).shape == (1, 4, *size)
+
+
+def test_upsample_same_size_is_identity():
+    x = torch.randn(2, 6, 6)
+    assert torch.equal(upsample_logits(x, (6, 6)), x)
+
+
+# ------------------------------------------------------------------------------------------------------ labels
+
+
+def test_synonym_max_matches_float64_reference():
+    rng = np.random.default_rng(1)
+    logits = rng.uniform(-0.2, 0.4, size=(5, 3, 4))
+    q2c = [0, 1, 1, 2, 1]
+    labels, probs = logits_to_labels(torch.from_numpy(logits), q2c, logit_scale=40.0)
+
+    p = _softmax_np(40.0 * logits, axis=0)
+    ref = np.stack([p[0], np.maximum(np.maximum(p[1], p[2]), p[4]), p[3]])
+    assert probs.dtype == torch.float64 and probs.shape == (3, 3, 4)
+    np.testing.assert_allclose(probs.numpy(), ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(labels.numpy(), ref.argmax(0))
+    assert labels.dtype == torch.int64
+    assert (probs.sum(0) < 1 - 1e-9).any()  # not renormalised
+
+
+def test_float32_input_and_class_without_query():
+    logits = torch.tensor([[[0.3]], [[0.1]]])
+    labels, probs = logits_to_labels(logits, [0, 2], logit_scale=10.0)
+    assert probs.shape == (3, 1, 1) and probs.dtype == torch.float32
+    assert probs[1].item() == 0.0  # class 1 has no query
+    p = _softmax_np(10.0 * np.array([0.3, 0.1]))
+    np.testing.assert_allclose([probs[0].item(), probs[2].item()], p, rtol=1e-6)
+    assert labels.item() == 0
+
+
+def test_prob_thd_is_strict():
+    # two classes, equal logits: probabilities exactly 0.5 / 0.5, argmax tie → class 0
+    logits = torch.zeros(2, 1, 1, dtype=torch.float64)
+    labels, _ = logits_to_labels(logits, [0, 1], logit_scale=1.0, prob_thd=0.5, background_index=1)
+    assert labels.item() == 0  # 0.5 < 0.5 is false: kept
+    labels, _ = logits_to_labels(logits, [0, 1], logit_scale=1.0, prob_thd=0.5 + 1e-12, background_index=1)
+    assert labels.item() == 1  # below: background
+    labels, _ = logits_to_labels(logits, [0, 1], logit_scale=1.0, prob_thd=0.0)
+    assert labels.item() == 0
+
+
+def test_prob_thd_sets_background_index_zero():
+    logits = torch.tensor([[[0.0, 0.0]], [[3.0, 0.1]], [[0.0, 0.05]]], dtype=torch.float64)
+    labels, probs = logits_to_labels(logits, [0, 1, 2], logit_scale=1.0, prob_thd=0.6)
+    # pixel 0: class 1 with p = e³/(e³+2) ≈ 0.909 → kept; pixel 1: max p ≈ 0.35 → background
+    assert labels.tolist() == [[1, 0]]
+    assert probs[:, 0, 1].max().item() < 0.6
+
+
+def _area_logits() -> torch.Tensor:
+    # 1×10 image, 3 classes. Argmax: class 0 on 4 px, class 1 on 5 px, class 2 on 1 px (pixel 9, class 1 second).
+    L = torch.zeros(3, 1, 10, dtype=torch.float64)
+    L[0, 0, :4] = 1.0
+    L[1, 0, 4:9] = 1.0
+    L[2, 0, 9] = 1.0
+    L[1, 0, 9] = 0.5
+    return L
+
+
+def test_area_thd_relative_to_foreground_pixels():
+    L = _area_logits()
+    q2c = [0, 1, 2]
+    base, _ = logits_to_labels(L, q2c, logit_scale=10.0)
+    assert base[0].tolist() == [0] * 4 + [1] * 5 + [2]
+    # foreground = 6 px. area_thd = 0.2 → threshold 1.2 ≥ 1 px: class 2 dropped, pixel 9 goes to class 1
+    labels, probs = logits_to_labels(L, q2c, logit_scale=10.0, area_thd=0.2)
+    assert labels[0].tolist() == [0] * 4 + [1] * 6
+    assert torch.all(probs[2] == 0)
+    # area_thd = 0.15: relative to the foreground 0.9 < 1 → kept (relative to the whole image, 1.5, it would drop)
+    labels, probs = logits_to_labels(L, q2c, logit_scale=10.0, area_thd=0.15)
+    assert labels[0].tolist() == base[0].tolist()
+    assert probs[2, 0, 9] > 0
+    # boundary: count == area_thd · foreground (1 == 1/6 · 6) → dropped (keep needs strictly more)
+    labels, _ = logits_to_labels(L, q2c, logit_scale=10.0, area_thd=1 / 6)
+    assert labels[0, 9].item() == 1
+    # the background class is never dropped, however small
+    labels, _ = logits_to_labels(L, q2c, logit_scale=10.0, area_thd=0.9)
+    assert labels[0, :4].tolist() == [0] * 4
+
+
+def test_area_thd_then_prob_thd():
+    # after class 2 is dropped pixel 9 falls to class 1, whose probability there is tiny; prob_thd must use the
+    # post-drop maxima and send it to background, while pixels 4..8 (class 1, p ≈ 1) stay
+    L = _area_logits()
+    labels, probs = logits_to_labels(L, [0, 1, 2], logit_scale=10.0, area_thd=0.2, prob_thd=0.9)
+    p = _softmax_np(10.0 * L.numpy(), axis=0)
+    assert p[1, 0, 9] < 0.9  # pixel 9's surviving class is below the threshold → background
+    assert labels[0, 9].item() == 0
+    assert labels[0, 4:9].tolist() == [1] * 5
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_logits_raise(bad):
+    logits = torch.zeros(2, 3, 3)
+    logits[1, 1, 1] = bad
+    with pytest.raises(ValueError, match="NaN"):
+        logits_to_labels(logits, [0, 1])
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError):
+        logits_to_labels(torch.zeros(2, 3), [0, 1])
+    with pytest.raises(ValueError):
+        logits_to_labels(torch.zeros(3, 2, 2), [0, 1])
