@@ -1,0 +1,226 @@
+"""``Segmenter``: one image + a vocabulary → label map, per-class probabilities and raw logits.
+
+Flow (cass.md §5, protocol.md §6-8): load → resize short side → CLIP-normalise → whole-image prior (once) →
+windows (batched) → patched CLIP ∥ VFM → dense features → OTA text → cosine logits → OPS → accumulate → original
+size → PAMR (optional) → logit scale, softmax, synonyms max, background threshold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .image import ImageSource, clip_normalize, load_image, resize_short_side
+from .ota import TextEmbeddingAdjuster
+from .pamr import apply_pamr
+from .patch import PatchHandle, encode_dense, image_embedding, patch_clip
+from .plugins import LogitsContext, TextContext, hookimpl
+from .postprocess import logits_to_labels, upsample_logits
+from .presets import Config
+from .prior import PresencePriorHead
+from .text import default_tokenizer, encode_text
+from .vocabulary import Vocabulary
+from .windows import SlidingWindowAccumulator, iter_window_batches, window_grid
+
+__all__ = ["Segmenter", "SegmentationResult", "PresencePriorPlugin", "TextAdjusterPlugin"]
+
+
+@dataclass
+class SegmentationResult:
+    """Output of :meth:`Segmenter.segment`, all at the original image size.
+
+    Attributes:
+        labels: ``(H, W)`` int64 class indices into ``vocabulary.class_names``.
+        probs: ``(C, H, W)`` per-class probabilities (max over synonyms, not renormalised).
+        logits: ``(Q, H, W)`` raw cosine logits per query (after the prior and PAMR, before the logit scale).
+        vocabulary: the vocabulary used.
+        timings: seconds spent per stage (for benchmarks).
+    """
+
+    labels: Tensor
+    probs: Tensor
+    logits: Tensor
+    vocabulary: Vocabulary
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def class_areas(self) -> dict[str, float]:
+        """Fraction of the image assigned to each class (classes with zero area included)."""
+        counts = torch.bincount(self.labels.flatten().cpu(), minlength=self.vocabulary.num_classes)
+        total = float(self.labels.numel())
+        return {name: counts[i].item() / total for i, name in enumerate(self.vocabulary.class_names)}
+
+
+class PresencePriorPlugin:
+    """OPS as a plugin: blends the per-window logits with the presence prior (cass.md §3)."""
+
+    def __init__(self, gamma: float) -> None:
+        self.head = PresencePriorHead(gamma)
+
+    @hookimpl
+    def cass_refine_logits(self, ctx: LogitsContext) -> None:
+        if ctx.prior is not None:
+            ctx.logits = self.head(ctx.logits, ctx.prior)
+
+
+class TextAdjusterPlugin:
+    """OTA as a plugin: per-window text adjustment toward the top patches (cass.md §4)."""
+
+    def __init__(self, alpha: float, h_threshold: float, top_n: int = 2) -> None:
+        self.adjuster = TextEmbeddingAdjuster(alpha, h_threshold, top_n)
+
+    @hookimpl
+    def cass_adjust_text(self, ctx: TextContext) -> None:
+        if ctx.prior is None:
+            return
+        base = ctx.text[0] if ctx.text.dim() == 3 else ctx.text
+        clusters = self.adjuster.cluster(base, key=ctx.vocabulary.queries if ctx.vocabulary is not None else None)
+        ctx.text = self.adjuster.adjust(ctx.features, base, ctx.prior, clusters)
+        ctx.record["clusters"] = clusters
+
+
+class Segmenter:
+    """Training-free open-vocabulary segmentation of single images with a patched CLIP.
+
+    Args:
+        clip_model: an open_clip / OpenAI-clip-style CLIP model (image and text towers).
+        vfm: the VFM for spectral distillation (timm ViT, e.g. DINO B/8); ``None`` switches it off.
+        vocabulary: default classes (any form :meth:`Vocabulary.parse` accepts).
+        preset, dataset, baseline, components, plugins, **overrides: as :func:`~cass_plugins.patch_clip`.
+        tokenizer: text tokenizer; default: open_clip's CLIP BPE tokenizer.
+        device: move the models there (default: where the CLIP model is).
+
+    The model stays patched until :meth:`close` (or the end of a ``with`` block).
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        vfm: nn.Module | None = None,
+        *,
+        vocabulary: Any = None,
+        preset: str | Config = "cass-official",
+        dataset: str | None = None,
+        baseline: str | None = None,
+        components: Iterable[str] | None = None,
+        tokenizer: Any = None,
+        device: str | torch.device | None = None,
+        plugins: Sequence[object] = (),
+        **overrides: Any,
+    ) -> None:
+        if device is not None:
+            clip_model = clip_model.to(device)
+            vfm = vfm.to(device) if vfm is not None else None
+        self.model = clip_model.eval()
+        self.vfm = vfm.eval() if vfm is not None else None
+        self.handle: PatchHandle = patch_clip(
+            clip_model, vfm, preset, dataset=dataset, baseline=baseline, components=components, plugins=plugins,
+            **overrides,
+        )
+        self.config: Config = self.handle.config
+        cfg = self.config
+        if cfg.presence_prior:
+            self.handle.pm.register(PresencePriorPlugin(cfg.gamma), name="presence_prior")
+        if cfg.ota:
+            self.handle.pm.register(TextAdjusterPlugin(cfg.alpha, cfg.h_threshold, cfg.top_n), name="ota")
+        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(None)
+        self.device = next(clip_model.parameters()).device
+        self.vocabulary = Vocabulary.parse(vocabulary) if vocabulary is not None else None
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Unpatch the model."""
+        self.handle.remove()
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        """The resolved configuration (every knob) as JSON."""
+        return self.config.describe()
+
+    # ------------------------------------------------------------------------------------------------ text
+    def text_embeddings(self, vocabulary: Vocabulary) -> Tensor:
+        """``(Q, d)`` float32 query embeddings (cached per vocabulary)."""
+        with torch.no_grad():
+            return encode_text(self.model, self.tokenizer, vocabulary, device=self.device)
+
+    # ------------------------------------------------------------------------------------------------ images
+    def preprocess(self, image: ImageSource) -> tuple[Tensor, tuple[int, int]]:
+        """Load, resize (short side) and CLIP-normalise → ``(1, 3, H, W)`` float32 and the original size."""
+        rgb = load_image(image)
+        original = (rgb.shape[-2], rgb.shape[-1])
+        resized = resize_short_side(rgb.float(), self.config.short_side, self.config.max_long_side)
+        return clip_normalize(resized)[None].to(self.device), original
+
+    @torch.no_grad()
+    def segment(self, image: ImageSource, vocabulary: Any = None) -> SegmentationResult:
+        """Segment one image (path, PIL image, numpy array or tensor) with ``vocabulary`` (or the default one)."""
+        if not self.handle.active:
+            raise RuntimeError("this Segmenter was closed (its model is unpatched); create a new one")
+        vocab = Vocabulary.parse(vocabulary) if vocabulary is not None else self.vocabulary
+        if vocab is None:
+            raise ValueError("no vocabulary: pass vocabulary=['cat', 'dog', ...] here or to Segmenter(...)")
+        cfg = self.config
+        x, original = self.preprocess(image)
+        text = self.text_embeddings(vocab)
+        needs_prior = cfg.presence_prior or cfg.ota
+        prior = None
+        if needs_prior and cfg.prior_source == "image" and cfg.mode == "slide":
+            prior = _cosine(image_embedding(self.model, x), text)  # once per image (cass.md §3)
+
+        if cfg.mode == "whole":
+            logits, _ = self._run_windows(x, text, vocab, prior, needs_prior)
+            logits = upsample_logits(logits[0], original, two_step_via=tuple(x.shape[-2:]))
+        else:
+            h, w = x.shape[-2:]
+            acc = SlidingWindowAccumulator(len(vocab.queries), h, w, device=x.device, dtype=torch.float32)
+            windows = window_grid(h, w, cfg.crop, cfg.stride)
+            for batch in iter_window_batches(windows, cfg.window_batch):
+                crops = torch.cat([x[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in batch])
+                batch_logits, _ = self._run_windows(crops, text, vocab, prior, needs_prior)
+                acc.add_batch(batch, batch_logits)
+            logits = upsample_logits(acc.result(), original)
+
+        if cfg.pamr_steps > 0:
+            guide = F.interpolate(x.float(), size=original, mode="bilinear", align_corners=False)
+            logits = apply_pamr(guide, logits[None], cfg.pamr_steps, cfg.pamr_dilations)[0]
+        labels, probs = logits_to_labels(
+            logits, vocab.query_to_class_tensor(logits.device), logit_scale=cfg.logit_scale, prob_thd=cfg.prob_thd,
+            area_thd=cfg.area_thd,
+        )
+        record = {"matching": self.handle.last_matching}
+        return SegmentationResult(labels.cpu(), probs.cpu(), logits.cpu(), vocab, record)
+
+    def _run_windows(
+        self, crops: Tensor, text: Tensor, vocab: Vocabulary, prior: Tensor | None, needs_prior: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Dense features of a batch of crops → per-query logits ``(b, Q, gh, gw)``."""
+        dense = encode_dense(self.model, crops)
+        features = dense.features.float()
+        if not torch.isfinite(features).all():
+            raise FloatingPointError(
+                "CLIP features contain NaN or inf: the weights are probably missing/corrupt or fp16 overflowed; "
+                "check the checkpoint, or run the model in float32"
+            )
+        b = features.shape[0]
+        if needs_prior and (prior is None or self.config.prior_source == "crop"):
+            # whole-image mode: this pass is the whole image; crop mode: each window's own embedding
+            window_prior = _cosine(dense.image_embeds.float(), text)
+        else:
+            window_prior = prior.expand(b, -1) if prior is not None else None
+        tctx = TextContext(features=features, text=text[None].expand(b, -1, -1), prior=window_prior, vocabulary=vocab)
+        self.handle.pm.hook.cass_adjust_text(ctx=tctx)
+        logits = TextEmbeddingAdjuster.logits(features, tctx.text)  # (b, Q, gh, gw)
+        lctx = LogitsContext(logits=logits, features=features, text=tctx.text, prior=window_prior)
+        self.handle.pm.hook.cass_refine_logits(ctx=lctx)
+        return lctx.logits, features
+
+
+def _cosine(image_embeds: Tensor, text: Tensor) -> Tensor:
+    return PresencePriorHead.prior(image_embeds.float(), text.to(image_embeds.device))
