@@ -187,11 +187,37 @@ class SpectralAttentionHook:
             raise RuntimeError("spectral distillation fuses patch-only graphs; the baseline must drop CLS")
         if ctx.images is None:
             raise RuntimeError("the crop that entered CLIP was not observed; call the model on images")
-        clip_k = ctx.patch_k
-        b, h, n, _ = clip_k.shape
         vfm_k, vgrid = self.vfm.keys(ctx.images)
         if cfg.vfm_fp16_keys:
             vfm_k = vfm_k.half()
+        # Each graph is distilled against the tokens it is the Gram matrix of (keys by default; q for a q-q graph
+        # of SCLIP/ClearCLIP). Graphs sharing those tokens share one matching and one distilled VFM graph.
+        sources = list(ctx.graph_keys) if ctx.graph_keys is not None else [None] * len(ctx.graphs)
+        if len(sources) != len(ctx.graphs):
+            raise RuntimeError(f"{len(ctx.graphs)} graphs but {len(sources)} graph_keys entries")
+        distilled: dict[int, tuple[Tensor, Tensor, list[HeadMatching]]] = {}
+        all_matchings: list[list[HeadMatching]] = []
+        for i, graph in enumerate(ctx.graphs):
+            src = sources[i]
+            key = -1 if src is None else id(src)
+            if key not in distilled:
+                clip_k = ctx.patch_k if src is None else src
+                distilled[key] = self._distill(ctx, vfm_k, vgrid, clip_k)
+                all_matchings.append(distilled[key][2])
+            vfm_graph, weights, _ = distilled[key]
+            d = spectral.range_match(vfm_graph, graph, dims=(2, 3))
+            ctx.graphs[i] = spectral.fuse_graphs(d, graph, weights, cfg.fusion_lambda).to(graph.dtype)
+        self.last_matching = all_matchings[0] if all_matchings else []
+        ctx.record["matching"] = self.last_matching
+        if len(all_matchings) > 1:
+            ctx.record["matching_per_source"] = all_matchings
+
+    def _distill(
+        self, ctx: BlockContext, vfm_k: Tensor, vgrid: tuple[int, int], clip_k: Tensor
+    ) -> tuple[Tensor, Tensor, list[HeadMatching]]:
+        """Steps 2-10 of cass.md §2 against ``clip_k``: the distilled VFM graph, fusion weights and matchings."""
+        cfg = self.config
+        b, h, n, _ = clip_k.shape
         vfm_k = resize_keys(vfm_k.to(clip_k.dtype), vgrid, ctx.grid)
         vfm_k = spectral.range_match(vfm_k, clip_k, dims=(1, 2, 3))
         scale = ctx.access.scale  # both graphs use CLIP's Dh^-0.5 (cass.md §9)
@@ -207,6 +233,7 @@ class SpectralAttentionHook:
         weights = torch.stack([m.weights for m in matchings]).to(clip_k.device, torch.float64)
         idx = assignment[:, :, None, None].expand(b, h, n, vfm_k.shape[-1])
         matched_k = torch.gather(vfm_k, 1, idx)  # (B, Hc, N, Dh_v)
+        matched_k = matched_k.double()  # the low rank and its eigenscaling stay in float64 (cass.md §9)
         vfm_graph = spectral.attention_graph(matched_k, scale)
         ranks = None
         if cfg.lowrank is not None:
@@ -218,11 +245,6 @@ class SpectralAttentionHook:
                 s = spectral.eigenscale(s, cfg.eigenscale_eps, mask=spectral.rank_mask(ranks, s.shape[-1]))
             vfm_graph = spectral.low_rank_graph(u, s, v)
         vfm_graph = spectral.zero_diagonal(vfm_graph)
-        for i, graph in enumerate(ctx.graphs):
-            d = spectral.range_match(vfm_graph, graph, dims=(2, 3))
-            ctx.graphs[i] = spectral.fuse_graphs(d, graph, weights, cfg.fusion_lambda).to(graph.dtype)
         for i, m in enumerate(matchings):
             m.ranks = None if ranks is None else ranks[i].detach().cpu()
-        self.last_matching = matchings
-        ctx.record["matching"] = matchings
-
+        return vfm_graph, weights, matchings

@@ -1,0 +1,6 @@
+"""``python -m cass_plugins`` is ``cass-segment``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
