@@ -50,7 +50,7 @@ def interpolate_pos_embed(pos: Tensor, native: tuple[int, int], grid: tuple[int,
     if tuple(native) == tuple(grid):
         return pos
     dim = pos.shape[-1]
-    table = pos.float().reshape(1, native[0], native[1], dim).permute(0, 3, 1, 2)
+    table = pos.to(torch.promote_types(pos.dtype, torch.float32)).reshape(1, native[0], native[1], dim).permute(0, 3, 1, 2)
     if mode == "dino":
         scale = ((grid[0] + 0.1) / native[0], (grid[1] + 0.1) / native[1])
         out = F.interpolate(table, scale_factor=scale, mode="bicubic", align_corners=False, recompute_scale_factor=False)
