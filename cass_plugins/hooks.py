@@ -225,8 +225,10 @@ class SpectralAttentionHook:
         spec_v = spectral.normalize_spectrum(spectral.key_spectrum(vfm_k, scale, cfg.spectrum_size))
         cost = spectral.spectral_cost(spec_v, spec_c)  # (B, Hv, Hc)
         solve_dtype = torch.float32 if cfg.solve_dtype == "float32" else torch.float64
+        # the official pairing quirk reads C[i, j] with i a CLIP head index: only defined for equal head counts
+        pairing = cfg.pairing if cost.shape[1] == cost.shape[2] else "paper"
         matchings = [
-            match_heads(cost[i], cfg.matching, solve_dtype=solve_dtype, tie_break=cfg.tie_break, pairing=cfg.pairing)
+            match_heads(cost[i], cfg.matching, solve_dtype=solve_dtype, tie_break=cfg.tie_break, pairing=pairing)
             for i in range(b)
         ]
         assignment = torch.stack([m.assignment for m in matchings]).to(clip_k.device)  # (B, Hc)
