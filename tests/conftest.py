@@ -57,3 +57,13 @@ def openai_clip() -> torch.nn.Module:
     from openai_style import make_openai_style_clip
 
     return make_openai_style_clip()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``cuda`` when no GPU is present (run them whenever one is)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
