@@ -1,52 +1,88 @@
 """NACLIP (baselines.md §1.3): key-key attention plus a Gaussian neighbourhood window Ω, reduced block.
 
+Settings as in NACLIP v2: ``arch ∈ {reduced, vanilla}`` and ``attn ∈ {naclip, nonly, kk, csa, vanilla}``,
+defaults ``reduced`` / ``naclip`` / ``gaussian_std=5``. NACLIP's own rules are enforced: ``csa`` needs
+``arch='vanilla'``, and ``naclip`` / ``nonly`` need ``gaussian_std > 0``.
+
+- ``naclip``: ``softmax(s·K Kᵀ + Ω)``; Ω is added before the softmax, the same for every head and image; with CLS
+  in the attention, its row and column get no addition (NACLIP's ``adjust_for_cls``).
+- ``nonly``: ``softmax(Ω·c)``, ``c = s·mean(‖q_p‖·‖k_P‖)`` over every head and token pair, CLS included.
+- ``kk`` / ``csa`` / ``vanilla``: no Ω (as in NACLIP, the window is only used by ``naclip`` and ``nonly``).
+
+Quirks: Q5 (F) NACLIP allocates the ``nonly`` logits as ``(heads, T, T)`` and so runs batch size 1 only, with the
+mean taken over the whole batch; here ``c`` is computed per image (identical at batch size 1). The Ω cache keyed by
+grid size is not needed (Ω is rebuilt per forward, cheaply).
+
 CASS's last block is NACLIP-reduced with CLS dropped, the VFM graph fused into the key graph before Ω is added
-(cass.md §1, §9 "Fusion and ω").
+(cass.md §1, §9 "Fusion and ω"); ``patch_clip(baseline="naclip", components=["spectral", "ops", "ota"])`` is the
+``cass-official`` preset. ``cass-paper`` (no ω, Eq. 2) is the ``kk`` strategy.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cass_plugins.plugins import BlockContext
+from cass_plugins.presets import Config
 from cass_plugins.spectral import gaussian_window
 
-from .base import Baseline
+from .base import BASELINE_PROTOCOL_OFF, Baseline
+
+__all__ = ["NACLIP", "PRESETS"]
 
 
 class NACLIP(Baseline):
     name = "naclip"
     block_defaults = {"arch": "reduced", "attn": "naclip", "gaussian_std": 5.0, "include_cls": True}
+    attn_choices = ("naclip", "nonly", "kk", "csa", "vanilla")
+    uses_gaussian = True
+    spectral_note = (
+        "fused into the key-key graph s·K Kᵀ before Ω is added (CASS); with attn='csa' into both the q-q graph "
+        "(matched against q) and the k-k graph; with attn='vanilla' into the q-k logits (matched against k); "
+        "attn='nonly' has no data-dependent graph (Ω·c only) and is refused"
+    )
+
+    @classmethod
+    def check_config(cls, config: Config, vfm: nn.Module | None = None) -> None:
+        super().check_config(config, vfm)
+        if config.attn == "csa" and config.arch != "vanilla":
+            raise ValueError("NACLIP allows attn='csa' (SCLIP's attention) only with arch='vanilla'")
+        if config.attn in ("naclip", "nonly") and not (config.gaussian_std is not None and config.gaussian_std > 0):
+            raise ValueError(
+                f"NACLIP attn={config.attn!r} needs gaussian_std > 0 (got {config.gaussian_std}); "
+                "for key-key attention without the window use attn='kk'"
+            )
+
+    @classmethod
+    def spectral_ok(cls, config: Config) -> bool:
+        return config.attn != "nonly"
 
     def graphs(self, ctx: BlockContext) -> list[Tensor]:
-        s = ctx.access.scale
-        k = self.tokens(ctx, ctx.k)
         strategy = self.config.attn
-        if strategy in ("naclip", "kk"):
-            return [s * k @ k.transpose(-1, -2)]
-        q = self.tokens(ctx, ctx.q)
-        if strategy == "vanilla":
-            return [s * q @ k.transpose(-1, -2)]
-        if strategy == "csa":
-            return [s * q @ q.transpose(-1, -2), s * k @ k.transpose(-1, -2)]
+        if strategy == "naclip":
+            return self.strategy_graphs(ctx, "kk")
         if strategy == "nonly":
-            # scalar c = s·mean(‖q_p‖·‖k_P‖) over every head and token pair (NACLIP v2)
-            # only Ω·c (added in attend) drives the attention
+            # only Ω·c (added in attend) drives the attention: the logits start at zero
+            k = self.tokens(ctx, ctx.k)
             b, h, t, _ = k.shape
+            ctx.graph_keys = [None]
             return [k.new_zeros(b, h, t, t)]
-        raise ValueError(f"unknown NACLIP attention strategy {strategy!r}")
+        return self.strategy_graphs(ctx, strategy)
 
     def attend(self, ctx: BlockContext) -> Tensor:
         v = self.values(ctx)
         graphs = list(ctx.graphs)
-        std = self.config.gaussian_std
-        if std:
-            omega = self.window(ctx, std, graphs[0].dtype)
-            if self.config.attn == "nonly":
+        strategy = self.config.attn
+        if strategy in ("naclip", "nonly"):
+            omega = self.window(ctx, self.config.gaussian_std, graphs[0].dtype)
+            if strategy == "nonly":
                 q, k = self.tokens(ctx, ctx.q), self.tokens(ctx, ctx.k)
-                c = ctx.access.scale * (q.norm(dim=-1)[..., :, None] * k.norm(dim=-1)[..., None, :]).mean()
-                graphs = [graphs[0] + omega * c]
-            elif self.config.attn in ("naclip",):
+                # mean over heads and all (p, P) pairs of ‖q_p‖·‖k_P‖ = per-head product of the mean norms, per image
+                c = ctx.access.scale * (q.norm(dim=-1).mean(-1) * k.norm(dim=-1).mean(-1)).mean(-1)
+                graphs = [graphs[0] + omega * c[:, None, None, None].to(omega.dtype)]
+            else:
                 graphs = [graphs[0] + omega]
         attn = sum(torch.softmax(g, dim=-1) for g in graphs)
         return attn.to(v.dtype) @ v
@@ -59,3 +95,24 @@ class NACLIP(Baseline):
             p = ctx.num_prefix
             omega = torch.nn.functional.pad(omega, (p, 0, p, 0))
         return omega.to(dtype)
+
+
+# NACLIP's protocol (baselines.md §3): logit scale 40, 224/112 windows, PAMR on (10 steps, dilations 8 and 16);
+# VOC21 and VOC20 run on the whole image (slide_crop=0).
+_PROTOCOL: dict[str, Any] = dict(
+    NACLIP.block_defaults, baseline="naclip", logit_scale=40.0, prob_thd=0.0, area_thd=None, crop=224, stride=112,
+    short_side=336, mode="slide", pamr_steps=10, pamr_dilations=(8, 16), class_files="naclip", **BASELINE_PROTOCOL_OFF,
+)
+_DATASETS: dict[str, dict[str, Any]] = {
+    "voc21": dict(short_side=336, prob_thd=0.1, mode="whole"),
+    "context60": dict(short_side=336, prob_thd=0.1),
+    "coco_object": dict(short_side=336, prob_thd=0.1),
+    "voc20": dict(short_side=336, mode="whole"),
+    "cityscapes": dict(short_side=560),
+    "context59": dict(short_side=336),
+    "ade20k": dict(short_side=336),
+    "coco_stuff164k": dict(short_side=336),  # 448 in NACLIP v1
+}
+
+#: preset name -> (values, per-dataset values), registered by :mod:`adapters`.
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {"naclip": (_PROTOCOL, _DATASETS)}

@@ -19,7 +19,7 @@ __all__ = ["patch_clip", "PatchHandle", "encode_dense", "DenseOutput", "image_em
 _HANDLE_ATTR = "_cass_patch_handle"
 
 #: Component names accepted by ``patch_clip(components=...)`` and the Config toggle each one sets.
-COMPONENTS: dict[str, str] = {"spectral": "spectral", "ops": "presence_prior", "ota": "ota"}
+COMPONENTS: dict[str, str] = {"spectral": "spectral", "ops": "presence_prior", "ota": "ota", "cdam": "cdam"}
 
 
 class PatchHandle:
@@ -131,8 +131,8 @@ def patch_clip(
         preset: a preset name (``"cass-official"`` default, ``"cass-paper"``, a baseline name) or a ``Config``.
         dataset: merge that dataset's values of the preset (cass.md §7).
         baseline: the last-block baseline (``"naclip"``, ``"sclip"``, ...); its block defaults are applied.
-        components: CASS components to switch on, any of ``"spectral"``, ``"ops"``, ``"ota"``; the others are
-            switched off. ``None`` keeps the preset's toggles.
+        components: components to switch on, any of ``"spectral"``, ``"ops"``, ``"ota"``, ``"cdam"``; the others
+            are switched off. ``None`` keeps the preset's toggles.
         plugins: extra pluggy plugin objects (third-party components) to register.
         **overrides: any :class:`~cass_plugins.presets.Config` field (``matching=``, ``lowrank=``,
             ``fusion_lambda=``, ``eigenscaling=``, ``gaussian_std=`` ...).
@@ -161,20 +161,33 @@ def patch_clip(
     if overrides:
         config = config.replace(**overrides)
     factory = REGISTRY.baseline(config.baseline)
+    check = getattr(factory, "check_config", None)
+    if check is not None:
+        check(config, vfm=vfm)  # before any hook is installed: a bad combination leaves nothing behind
     if config.spectral:
         if not getattr(factory, "supports_spectral", True):
-            raise ValueError(f"baseline {config.baseline!r} has no attention graph to fuse the VFM graph into")
+            why = getattr(factory, "spectral_note", "")
+            raise ValueError(
+                f"baseline {config.baseline!r} has no attention graph to fuse the VFM graph into{': ' + why if why else ''}"
+            )
         if vfm is None:
             raise ValueError("spectral distillation needs a VFM: pass vfm=<timm ViT, e.g. DINO ViT-B/8> or spectral=False")
         config = config.replace(include_cls=False)  # the VFM graph covers patch tokens only (cass.md §9)
     runner = VFMRunner(vfm) if vfm is not None and (config.spectral or getattr(factory, "needs_vfm", False)) else None
 
     handle = PatchHandle(model, access, config, runner)
-    handle.baseline = factory(config) if not getattr(factory, "needs_vfm", False) else factory(config, runner)
+    try:
+        handle.baseline = factory(config) if not getattr(factory, "needs_vfm", False) else factory(config, runner)
+    except Exception:
+        if runner is not None:
+            runner.remove()  # the VFM must not keep our pre-hook when the baseline refuses the configuration
+        raise
     handle.pm.register(handle.baseline, name="baseline")
     if config.spectral:
         handle.spectral = SpectralAttentionHook(runner, config)
         handle.pm.register(handle.spectral, name="spectral")
+    if config.cdam:
+        handle.pm.register(REGISTRY.component("cdam")(config), name="cdam")
     for i, plugin in enumerate(plugins):
         handle.pm.register(plugin, name=f"user-{i}")
 

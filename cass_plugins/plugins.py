@@ -8,7 +8,9 @@ the presence prior, the text adjustment, third-party additions). The last-block 
 2. ``cass_refine_graphs`` (components) - edit ``ctx.graphs`` in place (e.g. fuse the VFM graph);
 3. ``cass_block_output`` (baseline, first result) - the block's patch-token output from the graphs.
 
-The segmentation pipeline calls ``cass_adjust_text`` per window and ``cass_refine_logits`` per window.
+The segmentation pipeline calls ``cass_begin_image`` once per image (before its windows),
+``cass_adjust_text`` and ``cass_refine_logits`` per window, and ``cass_end_image`` once per image (after its windows,
+before post-processing; e.g. to set a per-image background threshold).
 
 Third-party packages add baselines or components through the ``cass_plugins`` entry-point group: the entry point
 names a module or object with ``@hookimpl def cass_register(registry)``; see :func:`load_entry_point_plugins`.
@@ -16,7 +18,7 @@ names a module or object with ``@hookimpl def cass_register(registry)``; see :fu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pluggy
 from torch import Tensor
@@ -28,8 +30,8 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
-    "hookspec", "hookimpl", "BlockContext", "TextContext", "LogitsContext", "Registry", "REGISTRY",
-    "make_plugin_manager", "load_entry_point_plugins",
+    "hookspec", "hookimpl", "BlockContext", "TextContext", "LogitsContext", "ImageContext", "Registry", "REGISTRY",
+    "make_plugin_manager", "load_entry_point_plugins", "load_builtin_plugins",
 ]
 
 
@@ -46,6 +48,9 @@ class BlockContext:
         images: the CLIP-normalised crops that entered the model (``None`` if not observed).
         graph_tokens: ``"all"`` (CLS takes part in the attention) or ``"patches"``.
         graphs: the baseline's pre-softmax attention graphs ``(B, h|1, Tq, Tk)``, edited by components.
+        graph_keys: optional, one entry per graph: the ``(B, h, N, Dh)`` tokens ``F`` whose scaled Gram matrix
+            ``s·F Fᵀ`` the graph is (``q`` for a q-q graph); spectral distillation matches heads and range-matches
+            the VFM keys against them. ``None`` (or a ``None`` entry) means the keys ``k``.
         patch_output: ``(B, N', D)`` set by ``cass_block_output``.
         output_grid: grid of ``patch_output`` (differs from ``grid`` for ProxyCLIP).
         record: per-forward inspection data (e.g. ``"matching"``) copied to the patch handle.
@@ -61,6 +66,7 @@ class BlockContext:
     images: Tensor | None = None
     graph_tokens: str = "patches"
     graphs: list[Tensor] = field(default_factory=list)
+    graph_keys: list[Tensor | None] | None = None
     patch_output: Tensor | None = None
     output_grid: tuple[int, int] | None = None
     record: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +104,26 @@ class LogitsContext:
     text: Tensor
     prior: Tensor | None
     record: dict[str, Any] = field(default_factory=dict)
+    windows: list[tuple[int, int, int, int]] | None = None  # (y1, y2, x1, x2) per batch row; None: whole image
+
+
+@dataclass
+class ImageContext:
+    """One image of the segmentation pipeline, seen before its windows and again after them.
+
+    Attributes:
+        vocabulary: the image's :class:`~cass_plugins.vocabulary.Vocabulary`.
+        text: ``(Q, d)`` L2-normalised query embeddings of the vocabulary.
+        embed_text: ``names -> (n, d)`` embeds extra prompts with the pipeline's text tower, tokenizer and templates.
+        prob_thd: the background threshold post-processing applies; components may replace it in ``cass_end_image``.
+        record: per-image inspection data, copied into the segmentation result's ``record``.
+    """
+
+    vocabulary: Any
+    text: Tensor
+    embed_text: Callable[[Sequence[str]], Tensor]
+    prob_thd: float
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 class CassSpec:
@@ -127,6 +153,14 @@ class CassSpec:
     def cass_refine_logits(self, ctx: LogitsContext) -> None:
         """Replace ``ctx.logits`` with refined window logits (e.g. the presence prior)."""
 
+    @hookspec
+    def cass_begin_image(self, ctx: ImageContext) -> None:
+        """Called once per image before its windows (e.g. to hand the vocabulary's text to a block component)."""
+
+    @hookspec
+    def cass_end_image(self, ctx: ImageContext) -> None:
+        """Called once per image after its windows, before post-processing (e.g. to set ``ctx.prob_thd``)."""
+
 
 class Registry:
     """Named factories for baselines and components, filled by built-ins and entry-point plugins."""
@@ -142,12 +176,19 @@ class Registry:
         self.components[name] = factory
 
     def baseline(self, name: str) -> Callable[..., Any]:
-        import adapters  # noqa: F401  (registers the built-in baselines)
-
+        load_builtin_plugins()
         load_entry_point_plugins()
         if name not in self.baselines:
             raise ValueError(f"unknown baseline {name!r}; available: {sorted(self.baselines)}")
         return self.baselines[name]
+
+    def component(self, name: str) -> Callable[..., Any]:
+        """The factory of a named component (called with the resolved config)."""
+        load_builtin_plugins()
+        load_entry_point_plugins()
+        if name not in self.components:
+            raise ValueError(f"unknown component {name!r}; available: {sorted(self.components)}")
+        return self.components[name]
 
 
 REGISTRY = Registry()
@@ -158,6 +199,15 @@ def make_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(CassSpec)
     return pm
+
+
+def load_builtin_plugins() -> None:
+    """Import the built-in adapters, which register their baselines, components and presets.
+
+    Imported lazily because the adapters import this package.
+    """
+    import adapters  # noqa: F401  (baselines)
+    import adapters.cdam  # noqa: F401  (the CDAM component and its presets)
 
 
 def load_entry_point_plugins() -> int:

@@ -24,9 +24,12 @@ class Config:
     # --- last block: baseline ---
     baseline: str = "naclip"
     arch: str = "reduced"  # "reduced": Z = attention output; "vanilla": residual + FFN kept
-    attn: str = "naclip"  # NACLIP attention strategy (naclip | nonly | kk | csa | vanilla)
+    attn: str = "naclip"  # the baseline's attention (NACLIP: naclip|nonly|kk|csa|vanilla; see adapters.STRATEGIES)
     gaussian_std: float | None = 5.0  # Gaussian neighbourhood ω added to the logits; None = off
     include_cls: bool = True  # whether CLS takes part in the patch attention (CASS drops it)
+    last_n_layers: int = 1  # ClearCLIP: sum the outputs of the last n blocks (only 1 is supported)
+    proxy_beta: float = 1.2  # ProxyCLIP: S' = γ·(S − β·mean(S)) (baselines.md §1.5)
+    proxy_gamma: float = 3.0
     # --- last block: CASS spectral object-level context distillation (cass.md §2) ---
     spectral: bool = True  # fuse the VFM graph at all
     matching: str | tuple[int, ...] = "complementary"  # complementary | similar | sequential | explicit heads
@@ -42,6 +45,23 @@ class Config:
     fusion_lambda: float = 10.0
     spectrum_size: int = 20
     vfm_fp16_keys: bool = False  # round the VFM keys to fp16 as the authors' code does
+    # --- last block: CDAM component (cdam.md; shared/spec/cdam.md); the defaults are the authors' repository ---
+    cdam: bool = False  # CDAM attention + second pass through the last block, on top of the baseline
+    cdam_multiscale: bool = True  # mean over cdam_scales; False: the full-resolution map only
+    cdam_scales: tuple[float, ...] = (0.25, 0.37, 0.5, 0.63, 0.75, 0.87, 1.0)
+    cdam_atp: bool = True  # the 80 augmented text prompts join the class distributions (not the logits)
+    cdam_entropy_threshold: bool = True  # entropy-based background threshold replaces prob_thd
+    cdam_class_temperature: float = 0.1  # τ of softmax_C(S0 / τ)
+    cdam_attention_temperature: float = 0.1  # P of the row softmax of 1 − JSD
+    cdam_minmax: bool = True  # row min-max before and after the softmax
+    cdam_multiscale_order: str = "upsample_divergence"  # repo; "upsample_attention": the paper's Eq. 3
+    cdam_row_normalize: bool = False  # the repo uses the CDAM matrix as is (rows sum to ≫ 1)
+    cdam_pass2_arch: str = "vanilla"  # pass 2 keeps residual + FFN (repo); "reduced": attention output only
+    cdam_entropy_scale: float = 50.0  # softmax scale before the entropy (repo 50; paper 1/τ = 10)
+    cdam_entropy_log_base: float = 2.0  # bits (repo)
+    cdam_alpha: float = 2.5  # thr = cdam_default_threshold · α / H_center
+    cdam_default_threshold: float = 0.5
+    cdam_threshold_granularity: str = "last_window"  # repo: the raster-last window's; "image": all windows
     # --- text and logits (cass.md §3-4) ---
     presence_prior: bool = True  # OPS
     gamma: float = 0.2
@@ -63,6 +83,7 @@ class Config:
     pamr_dilations: tuple[int, ...] = (8, 16)
     window_batch: int = 8
     dataset: str | None = None
+    class_files: str = "cass"  # whose packaged class files the dataset uses (Vocabulary.builtin(method=...))
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with ``overrides`` applied; unknown keys raise a ValueError listing the valid ones."""
@@ -72,14 +93,19 @@ class Config:
             raise ValueError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(names)}")
         if "matching" in overrides and isinstance(overrides["matching"], list):
             overrides["matching"] = tuple(overrides["matching"])
-        if "pamr_dilations" in overrides:
-            overrides["pamr_dilations"] = tuple(overrides["pamr_dilations"])
+        for key in ("pamr_dilations", "cdam_scales"):
+            if key in overrides:
+                overrides[key] = tuple(overrides[key])
         cfg = dataclasses.replace(self, **overrides)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent value."""
+        for f in dataclasses.fields(self):
+            # a string "false" from a command line is truthy: booleans must really be booleans
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
         choices = {
             "arch": ("reduced", "vanilla"),
             "pairing": ("official", "paper"),
@@ -88,6 +114,9 @@ class Config:
             "tie_break": (None, "sequential", "round"),
             "prior_source": ("image", "crop"),
             "mode": ("slide", "whole"),
+            "cdam_multiscale_order": ("upsample_divergence", "upsample_attention"),
+            "cdam_pass2_arch": ("vanilla", "reduced"),
+            "cdam_threshold_granularity": ("last_window", "image"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -97,6 +126,8 @@ class Config:
                 f"matching={self.matching!r}: use 'complementary', 'similar', 'sequential' or a sequence of VFM "
                 "head indices (one per CLIP head)"
             )
+        if not self.cdam_scales or not all(0.0 < m <= 1.0 for m in self.cdam_scales):
+            raise ValueError(f"cdam_scales={self.cdam_scales!r}: give one or more scales in (0, 1]")
         if self.crop <= 0 or self.stride <= 0:
             raise ValueError("crop and stride must be positive")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.alpha <= 1.0:
@@ -116,6 +147,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cass-official": {"include_cls": False},
     "cass-paper": {
         "include_cls": False,
+        "attn": "kk",  # Eq. 2 has no Gaussian window: NACLIP's key-key strategy without ω
         "gaussian_std": None,
         "lowrank": "energy",
         "fusion_lambda": 1.0,
@@ -154,7 +186,15 @@ def register_preset(name: str, values: dict[str, Any], datasets: dict[str, dict[
         DATASET_PRESETS[(name, ds)] = dict(vals)
 
 
+def _load_builtin_presets() -> None:
+    # The baselines (and built-in components) register their presets when the adapters are imported.
+    from .plugins import load_builtin_plugins
+
+    load_builtin_plugins()
+
+
 def list_presets() -> list[str]:
+    _load_builtin_presets()
     return sorted(PRESETS)
 
 
@@ -167,6 +207,8 @@ def resolve_config(preset: str | Config = "cass-official", dataset: str | None =
     if isinstance(preset, Config):
         base = preset
     else:
+        if preset not in PRESETS:
+            _load_builtin_presets()
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; available: {list_presets()}")
         base = Config().replace(**PRESETS[preset])
