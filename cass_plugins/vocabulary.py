@@ -33,6 +33,8 @@ _METHODS: dict[str, tuple[str | None, str, tuple[str, ...]]] = {
     "naclip": (None, ", ", BUILTIN_VOCABULARIES),
     "proxyclip": ("proxyclip", "; ", BUILTIN_VOCABULARIES),
     "clearclip": (None, ",", _SHARED),
+    # CDAM: one name per line, own voc21/coco_object (cdam.md §14; its 80 augmented prompts are not class lines).
+    "cdam": ("cdam", ", ", BUILTIN_VOCABULARIES),
 }
 BUILTIN_METHODS: tuple[str, ...] = tuple(_METHODS)
 
@@ -173,8 +175,9 @@ class Vocabulary:
         Args:
             name: one of ``BUILTIN_VOCABULARIES`` (``"coco_stuff"``/``"city_scapes"`` are accepted too).
             method: whose file: ``"cass"``, ``"sclip"``, ``"naclip"`` (identical files), ``"proxyclip"`` (own
-                voc21/voc20/coco_object, ``"; "`` separator) or ``"clearclip"`` (only the five files shared by
-                all repositories; its voc21/voc20/coco_object are not specified verbatim and are not shipped).
+                voc21/voc20/coco_object, ``"; "`` separator), ``"clearclip"`` (only the five files shared by
+                all repositories; its voc21/voc20/coco_object are not specified verbatim and are not shipped) or
+                ``"cdam"`` (own voc21/coco_object, single names; the others are the shared files).
         """
         key = _ALIASES.get(name, name)
         if method not in _METHODS:
