@@ -11,10 +11,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .loading import DEFAULT_CLIP, DEFAULT_VFM, load_clip, load_vfm
-from .presets import list_presets
+from .loading import DEFAULT_CLIP, DEFAULT_VFM, WeightsUnavailableError, load_clip, load_vfm
+from .presets import Config, list_presets, resolve_config
 
-__all__ = ["main", "add_model_arguments", "models_from_args", "parse_overrides"]
+__all__ = ["main", "add_model_arguments", "models_from_args", "parse_overrides", "resolve_cli_config"]
 
 log = logging.getLogger("cass_plugins")
 
@@ -48,16 +48,35 @@ def models_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["lowrank=exact", "fusion_lambda=1"]`` → ``{"lowrank": "exact", "fusion_lambda": 1}``."""
+    """``["key=value", ...]`` → ``{key: value}``; values are JSON / Python literals, else strings.
+
+    ``none``/``null`` → None, ``true``/``false`` (any case) → bool, ``0.1`` → float, ``[0,1]`` or ``(0,1)`` →
+    list/tuple, anything else stays a string (``lowrank=energy``).
+
+    Raises:
+        ValueError: an item without ``=``.
+    """
     out: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise SystemExit(f"error: --set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = None if value.lower() == "none" else value
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        low = text.strip().lower()
+        value: Any
+        if low in ("none", "null"):
+            value = None
+        elif low in ("true", "false"):
+            value = low == "true"
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                try:
+                    value = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    value = text.strip()
+        out[key] = value
     return out
 
 
@@ -70,12 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
             "<stem>.json (class areas, vocabulary, resolved configuration) into --out."
         ),
         epilog=(
-            'Example: cass-segment photo.jpg --classes "truck; sheep; sky, clouds" --out out/  '
-            "(';' separates classes, ',' synonyms of one class)."
+            "examples:\n"
+            '  cass-segment photo.jpg --classes "truck; sheep; sky, clouds" --out out/\n'
+            "  cass-segment a.jpg b.png --dataset-classes voc21 --dataset voc21\n"
+            "  cass-segment --print-config --dataset cityscapes --set gamma=0.2 lowrank=exact\n"
+            "\n"
+            "vocabulary: ';' separates classes, ',' the synonyms of one class; a pixel gets the class of its best\n"
+            "  synonym, and the first class is the background when a threshold (prob_thd) applies.\n"
+            "hyper-parameters: --preset picks the method, --dataset that preset's values for a benchmark (e.g. voc21:\n"
+            "  whole-image mode and a background threshold), --set KEY=VALUE overrides any key; --print-config\n"
+            "  shows the result.\n"
+            "offline: pass checkpoint files, e.g. --pretrained ViT-B-16.pt --vfm-weights dino_vitbase8_pretrain.pth\n"
+            "  ('random' for both gives a meaningless but complete smoke test)."
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("images", nargs="+", type=Path, help="image files (any format Pillow reads)")
-    voc = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("images", nargs="*", type=Path,
+                   help="image files (any format Pillow reads; grayscale, RGBA and 16-bit are converted)")
+    voc = p.add_mutually_exclusive_group()  # one is required unless --print-config
     voc.add_argument("--classes", help='class names, e.g. "truck; sheep; sky, clouds"')
     voc.add_argument("--classes-file", type=Path, help="file with one class per line, synonyms separated by ', '")
     voc.add_argument("--dataset-classes", help="a built-in vocabulary: voc21, context60, ade20k, ...")
@@ -83,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="use that dataset's hyper-parameters of the preset (cass.md §7)")
     p.add_argument("--baseline", help="last-block baseline (naclip, sclip, clearclip, proxyclip, vanilla, ...)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any configuration key")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (preset + --dataset + --set, as JSON) and exit; "
+                   "needs no images and loads no model")
     p.add_argument("--out", type=Path, default=Path("cass_out"), help="output folder (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug information (matching margins...)")
@@ -91,8 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_cli_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
+    """The configuration ``patch_clip`` resolves for these flags, without building any model (``--print-config``).
+
+    Mirrors :func:`~cass_plugins.patch_clip`: preset (+ dataset values), the baseline's block defaults, the
+    ``--set`` overrides; spectral distillation drops CLS from the patch attention, and ``--vfm none`` switches it off.
+    """
+    from .plugins import REGISTRY
+
+    overrides = dict(overrides)
+    if args.vfm is None or args.vfm.lower() == "none":
+        overrides.setdefault("spectral", False)
+    config = resolve_config(args.preset, args.dataset)
+    if args.baseline is not None:
+        factory = REGISTRY.baseline(args.baseline)
+        config = config.replace(baseline=args.baseline, **getattr(factory, "block_defaults", {}))
+    if overrides:
+        config = config.replace(**overrides)
+    if config.spectral:
+        config = config.replace(include_cls=False)
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tqdm import tqdm
 
@@ -101,32 +157,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .visualize import legend_overlay, save_label_map
     from .vocabulary import Vocabulary
 
-    if args.classes is not None:
-        vocabulary = Vocabulary.parse(args.classes)
-    elif args.classes_file is not None:
-        vocabulary = Vocabulary.from_file(args.classes_file)
-    else:
-        vocabulary = Vocabulary.builtin(args.dataset_classes)
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
+    if args.print_config:
+        try:
+            print(resolve_cli_config(args, overrides).describe())
+        except ValueError as err:
+            parser.error(str(err))
+        return 0
+    if not args.images:
+        parser.error("give at least one image file")
+    if args.classes is None and args.classes_file is None and args.dataset_classes is None:
+        parser.error("give the classes: --classes \"cat; dog, puppy; sky\", --classes-file FILE or --dataset-classes NAME")
+    try:
+        if args.classes is not None:
+            if not args.classes.strip(" \t\r\n;,"):
+                raise ValueError(f"empty vocabulary {args.classes!r}: give at least one class, e.g. \"cat; dog\"")
+            vocabulary = Vocabulary.parse(args.classes)
+        elif args.classes_file is not None:
+            vocabulary = Vocabulary.from_file(args.classes_file)
+        else:
+            vocabulary = Vocabulary.builtin(args.dataset_classes)
+    except (ValueError, OSError) as err:
+        parser.error(f"bad vocabulary: {err}")
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
         raise SystemExit(f"error: image file(s) not found: {', '.join(missing)}")
-    overrides = parse_overrides(args.set)
-    clip, tokenizer, vfm = models_from_args(args)
+    try:
+        clip, tokenizer, vfm = models_from_args(args)
+    except (WeightsUnavailableError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
     if vfm is None:
         overrides.setdefault("spectral", False)
     segmenter = Segmenter(
         clip, vfm, vocabulary=vocabulary, preset=args.preset, dataset=args.dataset, baseline=args.baseline,
         tokenizer=tokenizer, **overrides,
     )
-    if args.print_config:
-        print(segmenter.describe())
-        return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    stems = _unique_stems(args.images)
     with segmenter:
-        for path in tqdm(args.images, desc="segmenting", unit="img", disable=len(args.images) < 2):
-            result = segmenter.segment(path)
+        for path, stem in tqdm(list(zip(args.images, stems)), desc="segmenting", unit="img",
+                               disable=len(args.images) < 2):
+            try:
+                result = segmenter.segment(path)
+            except (ValueError, FileNotFoundError) as err:  # unreadable image: say which, without a traceback
+                raise SystemExit(f"error: {path}: {err}") from err
             areas = result.class_areas()
-            stem = path.stem
             legend_overlay(load_image(path), result.labels, vocabulary.class_names, areas, alpha=args.alpha).save(
                 args.out / f"{stem}_overlay.png"
             )
@@ -142,6 +220,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"wrote {3 * len(args.images)} files to {args.out}")
     return 0
+
+
+def _unique_stems(paths: Sequence[Path]) -> list[str]:
+    """File stems, made unique (``a/x.jpg`` and ``b/x.png`` → ``x``, ``x_1``) so no output overwrites another."""
+    seen: set[str] = set()
+    out = []
+    for p in paths:
+        stem, k = p.stem, 0
+        while stem in seen:
+            k += 1
+            stem = f"{p.stem}_{k}"
+        seen.add(stem)
+        out.append(stem)
+    return out
 
 
 if __name__ == "__main__":

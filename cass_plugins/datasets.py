@@ -113,7 +113,7 @@ DATASETS: dict[str, DatasetInfo] = {
         ".jpg", ".png", "ImageSets/SegmentationContext/val.txt", True, False, 336, 5105, _CONTEXT_HINT,
     ),
     "coco_object": DatasetInfo(
-        "coco_object", "Object", 81, "coco_object", "coco_stuff164k", "images/val2017", "annotations/val2017",
+        "coco_object", "Obj", 81, "coco_object", "coco_stuff164k", "images/val2017", "annotations/val2017",
         ".jpg", "_instanceTrainIds.png", None, False, True, 336, 5000,
         "produced from the raw stuffthingmaps PNGs by cass_plugins.datasets.convert_coco_labels(root, 'object') "
         "(same table as datasets/cvt_coco_object.py)",

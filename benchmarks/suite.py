@@ -1,0 +1,444 @@
+"""Throughput and peak memory of vanilla CLIP, every registered baseline and CASS, side by side in one run.
+
+Full-size models with random weights (open_clip ``ViT-B-16-quickgelu`` + timm ``vit_base_patch8_224``, the CASS
+pair; random weights cost the same as trained ones) on synthetic VOC-sized images, under one protocol for every
+method: short side 336, sliding windows 224 / stride 112, window batch 8, no PAMR (cass.md §5). Method-specific
+protocol values (ClearCLIP's 448 crops, NACLIP's PAMR, ...) are deliberately not applied, so the rows compare the
+cost of the last block and the components, not of different protocols.
+
+Rows:
+
+* ``CLIP forward`` / ``VFM forward``: the bare forwards over the image's windows (unpatched CLIP dense features;
+  full timm forward) — what CASS's overhead is measured against;
+* ``CLIP (unpatched)``: a complete segmentation (resize, windows, cosine logits, label map) with the unmodified model;
+* one row per baseline in ``cass_plugins.plugins.REGISTRY`` (components off);
+* ``CASS``: the ``cass-official`` preset (spectral distillation + OPS + OTA).
+
+The text classifier is computed once per model outside the timed loop (it is per vocabulary, not per image).
+
+Usage::
+
+    python benchmarks/suite.py                          # CPU (+ CUDA fp32/fp16/bf16 when available)
+    python benchmarks/suite.py --device cuda --dtypes fp16,bf16 --images 50 --out docs/benchmarks.md --append
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(REPO))
+
+from cass_plugins.image import clip_normalize, load_image, resize_short_side  # noqa: E402
+from cass_plugins.ota import TextEmbeddingAdjuster  # noqa: E402
+from cass_plugins.patch import encode_dense  # noqa: E402
+from cass_plugins.postprocess import logits_to_labels, upsample_logits  # noqa: E402
+from cass_plugins.presets import resolve_config  # noqa: E402
+from cass_plugins.segmenter import Segmenter  # noqa: E402
+from cass_plugins.templates import IMAGENET_TEMPLATES  # noqa: E402
+from cass_plugins.text import encode_text  # noqa: E402
+from cass_plugins.vocabulary import Vocabulary  # noqa: E402
+from cass_plugins.windows import SlidingWindowAccumulator, iter_window_batches, window_grid  # noqa: E402
+
+CLIP_NAME = "ViT-B-16-quickgelu"
+VFM_NAME = "vit_base_patch8_224"
+# One protocol for every row (see the module docstring).
+PROTOCOL: dict[str, Any] = {"short_side": 336, "mode": "slide", "crop": 224, "stride": 112, "window_batch": 8,
+                            "pamr_steps": 0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _release_memory() -> None:
+    """Give freed memory back (gc, CUDA cache, glibc arenas) so each row's RSS starts from the same floor."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _RSSSampler:
+    """Peak resident set size of this process, sampled every ``interval`` s in a thread (CPU runs)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = _rss_bytes() or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes() or 0)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "_RSSSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes() or 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass
+class Row:
+    method: str
+    device: str
+    dtype: str
+    seconds_per_image: float | None = None
+    peak_mib: float | None = None
+    delta_mib: float | None = None
+    error: str | None = None
+
+
+class UnpatchedCLIP:
+    """Vanilla CLIP segmentation with the unmodified model: same windows and post-processing, no hooks."""
+
+    def __init__(self, model: torch.nn.Module, text_fn: Callable[[Vocabulary], torch.Tensor]) -> None:
+        self.model, self.text_fn = model, text_fn
+        self.config = resolve_config("cass-official", **PROTOCOL)
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, vocabulary: Vocabulary) -> torch.Tensor:
+        cfg = self.config
+        rgb = load_image(image)
+        original = (rgb.shape[-2], rgb.shape[-1])
+        x = clip_normalize(resize_short_side(rgb.float(), cfg.short_side, cfg.max_long_side))[None].to(self.device)
+        text = self.text_fn(vocabulary)
+        h, w = x.shape[-2:]
+        acc = SlidingWindowAccumulator(vocabulary.num_queries, h, w, device=x.device)
+        for batch in iter_window_batches(window_grid(h, w, cfg.crop, cfg.stride), cfg.window_batch):
+            crops = torch.cat([x[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in batch])
+            features = encode_dense(self.model, crops).features.float()
+            acc.add_batch(batch, TextEmbeddingAdjuster.logits(features, text))
+        logits = upsample_logits(acc.result(), original)
+        labels, _ = logits_to_labels(logits, vocabulary.query_to_class_tensor(logits.device),
+                                     logit_scale=cfg.logit_scale, prob_thd=cfg.prob_thd)
+        return labels.cpu()
+
+
+def _window_crops(image: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+    cfg = resolve_config("cass-official", **PROTOCOL)
+    x = clip_normalize(resize_short_side(load_image(image).float(), cfg.short_side, cfg.max_long_side))[None]
+    h, w = x.shape[-2:]
+    return [torch.cat([x[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in b]).to(device)
+            for b in iter_window_batches(window_grid(h, w, cfg.crop, cfg.stride), cfg.window_batch)]
+
+
+def _load_models(device: str, dtype: str) -> tuple[torch.nn.Module, Any, torch.nn.Module]:
+    from cass_plugins.loading import load_clip, load_vfm
+
+    torch.manual_seed(0)
+    clip, tokenizer = load_clip(CLIP_NAME, "random", device=device, precision=dtype)
+    vfm = load_vfm(VFM_NAME, "random", device=device, precision=dtype)
+    return clip, tokenizer, vfm
+
+
+def _baselines() -> list[str]:
+    from cass_plugins.plugins import REGISTRY, load_entry_point_plugins
+
+    import adapters  # noqa: F401  (registers the built-in baselines)
+
+    load_entry_point_plugins()
+    return sorted(REGISTRY.baselines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _measure(name: str, device: str, dtype: str, step: Callable[[np.ndarray], Any], images: list[np.ndarray],
+             warmup: int) -> Row:
+    """Run ``step`` on ``warmup`` images, then time it on ``images`` while tracking peak memory."""
+    row = Row(name, device, dtype)
+    try:
+        with torch.no_grad():
+            for img in images[:warmup]:
+                step(img)
+            _sync(device)
+            _release_memory()
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                start = time.perf_counter()
+                for img in images[warmup:]:
+                    step(img)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                row.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+                row.delta_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+            else:
+                base = _rss_bytes()
+                with _RSSSampler() as sampler:
+                    start = time.perf_counter()
+                    for img in images[warmup:]:
+                        step(img)
+                    elapsed = time.perf_counter() - start
+                if base is not None:
+                    row.peak_mib = sampler.peak / 2**20
+                    row.delta_mib = (sampler.peak - base) / 2**20
+        row.seconds_per_image = elapsed / max(len(images) - warmup, 1)
+    except Exception as err:  # one failing method must not lose the other rows
+        row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    print(f"  {name:<20} {_fmt_rate(row):>8} img/s  peak {_fmt_num(row.peak_mib)} MiB"
+          + (f"  ({row.error})" if row.error else ""), flush=True)
+    return row
+
+
+def run_device(device: str, dtype: str, n_images: int, warmup: int, size: tuple[int, int], vocab: Vocabulary,
+               templates: tuple[str, ...], methods: set[str] | None) -> list[Row]:
+    """All rows for one device and dtype."""
+    print(f"== {device} {dtype}", flush=True)
+    clip, tokenizer, vfm = _load_models(device, dtype)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8) for _ in range(warmup + n_images)]
+    text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def text_fn(v: Vocabulary) -> torch.Tensor:
+        # Per vocabulary, not per image: computed at the first (warm-up) image and reused.
+        if v.queries not in text_cache:
+            text_cache[v.queries] = encode_text(clip, tokenizer, v, templates, device=device)
+        return text_cache[v.queries]
+
+    def wanted(name: str) -> bool:
+        return methods is None or name.lower() in methods
+
+    rows: list[Row] = []
+    dev = torch.device(device)
+    vfm_dtype = next(vfm.parameters()).dtype
+    if wanted("clip-forward"):
+        rows.append(_measure("CLIP forward", device, dtype,
+                             lambda img: [encode_dense(clip, c) for c in _window_crops(img, dev)], images, warmup))
+    if wanted("vfm-forward"):
+        rows.append(_measure("VFM forward", device, dtype,
+                             lambda img: [vfm(c.to(vfm_dtype)) for c in _window_crops(img, dev)], images, warmup))
+    if wanted("clip"):
+        unpatched = UnpatchedCLIP(clip, text_fn)
+        rows.append(_measure("CLIP (unpatched)", device, dtype, lambda img: unpatched.segment(img, vocab), images,
+                             warmup))
+
+    def segmenter_row(label: str, **kwargs: Any) -> None:
+        try:
+            seg = Segmenter(clip, vfm, vocabulary=vocab, tokenizer=tokenizer, **kwargs)
+        except Exception as err:
+            rows.append(Row(label, device, dtype, error=f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"))
+            print(f"  {label:<20} failed to build: {rows[-1].error}", flush=True)
+            return
+        seg.text_embeddings = text_fn  # type: ignore[method-assign]  (the per-vocabulary cost, outside the loop)
+        try:
+            rows.append(_measure(label, device, dtype, lambda img: seg.segment(img), images, warmup))
+        finally:
+            seg.close()
+
+    for name in _baselines():
+        if wanted(name):
+            segmenter_row(name, preset="cass-official", baseline=name, components=[], **PROTOCOL)
+    if wanted("cass"):
+        segmenter_row("CASS", preset="cass-official", **PROTOCOL)
+    del clip, vfm
+    _release_memory()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt_num(v: float | None, digits: int = 0) -> str:
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def _fmt_rate(row: Row) -> str:
+    return "–" if row.seconds_per_image is None else f"{1.0 / row.seconds_per_image:.2f}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(devices: list[str]) -> list[str]:
+    """Markdown bullet lines describing the machine and software."""
+    import open_clip
+    import timm
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    lines = [
+        f"- CPU: {_cpu_model()}, {os.cpu_count()} logical cores ({usable} usable), "
+        f"torch threads {torch.get_num_threads()}",
+        f"- Software: Python {platform.python_version()}, torch {torch.__version__}, open_clip "
+        f"{open_clip.__version__}, timm {timm.__version__}, {platform.system()} {platform.release()}",
+    ]
+    try:
+        # Other processes on the machine slow CPU rows down; the load average says whether it was idle.
+        lines.append("- Load average at the end (1/5/15 min): " + " / ".join(f"{v:.1f}" for v in os.getloadavg()))
+    except (AttributeError, OSError):
+        pass
+    if any(d.startswith("cuda") for d in devices):
+        props = torch.cuda.get_device_properties(0)
+        lines.append(f"- GPU: {torch.cuda.get_device_name(0)}, {props.total_memory / 2**30:.0f} GiB, CUDA "
+                     f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+    else:
+        lines.append("- GPU: none used" + (" (CUDA available)" if torch.cuda.is_available() else ""))
+    return lines
+
+
+def report(rows: list[Row], args: argparse.Namespace, devices: list[str], vocab: Vocabulary, n_windows: int,
+           resized: tuple[int, int], templates: int) -> str:
+    """The Markdown section: machine, protocol, one table, CASS overhead per device/dtype."""
+    when = datetime.datetime.now().strftime("%Y-%m-%d")
+    where = torch.cuda.get_device_name(0) if any(d.startswith("cuda") for d in devices) else _cpu_model()
+    out = [f"## {where}: {', '.join(devices)} ({when})", ""]
+    out += describe_machine(devices)
+    h, w = args.size
+    out += [
+        f"- Models: open_clip `{CLIP_NAME}` + timm `{VFM_NAME}`, random weights",
+        f"- Protocol: {h}×{w} RGB images resized to {resized[0]}×{resized[1]} (short side 336), {n_windows} windows "
+        "of 224 (stride 112) in batches of 8, no PAMR; vocabulary "
+        f"`{args.vocabulary}` ({vocab.num_classes} classes, {vocab.num_queries} queries); text embeddings "
+        f"({templates} template{'s' if templates != 1 else ''}) computed once, outside the timing",
+        f"- Timing: {args.warmup} warm-up image(s), then the mean over "
+        + ", ".join(f"{args.cpu_images if d == 'cpu' else args.cuda_images} timed images on {d}" for d in devices)
+        + ", one image at a time",
+        "- Memory: on CUDA `torch.cuda.max_memory_allocated()` during the timed images (tensors only, no CUDA "
+        "context / allocator cache); Δ = peak − allocated before (≈ activations). On CPU the process RSS "
+        "(resident set, sampled every 2 ms), Δ = peak − RSS before; RSS includes the weights and allocator slack, "
+        "so Δ is the comparable number",
+        "",
+        "| method | device | dtype | images/s | ms/image | × CLIP forward | peak mem (MiB) | Δ mem (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.device, r.dtype), []).append(r)
+    overheads = []
+    for (device, dtype), group in groups.items():
+        by_name = {r.method: r for r in group}
+        fwd = by_name.get("CLIP forward")
+        for r in group:
+            if r.error:
+                out.append(f"| {r.method} | {device} | {dtype} | failed: {r.error.replace('|', '/')} | | | | |")
+                continue
+            ratio = (f"{r.seconds_per_image / fwd.seconds_per_image:.2f}"
+                     if fwd is not None and fwd.seconds_per_image else "–")
+            out.append(f"| {r.method} | {device} | {dtype} | {_fmt_rate(r)} | {1000 * r.seconds_per_image:,.1f} | "
+                       f"{ratio} | {_fmt_num(r.peak_mib)} | {_fmt_num(r.delta_mib)} |")
+        cass, vfm = by_name.get("CASS"), by_name.get("VFM forward")
+        if all(x is not None and x.seconds_per_image for x in (cass, fwd, vfm)):
+            two = fwd.seconds_per_image + vfm.seconds_per_image
+            overheads.append(f"- {device} {dtype}: CASS {1000 * cass.seconds_per_image:,.1f} ms/image vs CLIP + VFM "
+                             f"forwards {1000 * two:,.1f} ms → overhead ratio **{cass.seconds_per_image / two:.2f}×**")
+    if overheads:
+        out += ["", "CASS overhead over its two forwards (CLIP forward + VFM forward on the same windows):", ""]
+        out += overheads
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto",
+                   help="auto (CPU, plus CUDA when available), cpu, cuda, or a comma list (default: auto)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma list of fp32,fp16,bf16 (default: fp32 on CPU; fp32,fp16,bf16 on CUDA)")
+    p.add_argument("--images", type=int, default=None, help="timed images per row (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up images per row (default 1)")
+    p.add_argument("--size", type=lambda s: tuple(int(v) for v in s.lower().split("x")), default=(375, 500),
+                   metavar="HxW", help="image size (default 375x500, a typical VOC image)")
+    p.add_argument("--vocabulary", default="voc21", help="built-in vocabulary (default voc21)")
+    p.add_argument("--templates", type=int, default=None,
+                   help="prompt templates for the (untimed) text embeddings (default: 80 on CUDA, 1 on CPU-only runs, "
+                        "where 80 templates of a full-size text tower take minutes)")
+    p.add_argument("--methods", default=None,
+                   help="comma list to restrict the rows (clip-forward, vfm-forward, clip, <baselines>, cass)")
+    p.add_argument("--out", default="docs/benchmarks.md", help="Markdown file (default docs/benchmarks.md)")
+    p.add_argument("--append", action="store_true", help="append a section instead of overwriting the file")
+    args = p.parse_args(argv)
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [
+        d.strip() for d in args.device.split(",")]
+    if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available")
+    args.cpu_images = args.images or 3
+    args.cuda_images = args.images or 20
+    if args.templates is None:
+        args.templates = 80 if any(d.startswith("cuda") for d in devices) else 1
+    templates = tuple(IMAGENET_TEMPLATES[: args.templates])
+    vocab = Vocabulary.builtin(args.vocabulary)
+    methods = {m.strip().lower() for m in args.methods.split(",")} if args.methods else None
+
+    cfg = resolve_config("cass-official", **PROTOCOL)
+    from cass_plugins.image import rescaled_size
+
+    resized = rescaled_size(args.size[0], args.size[1], cfg.short_side, cfg.max_long_side)
+    n_windows = len(window_grid(resized[0], resized[1], cfg.crop, cfg.stride))
+
+    rows: list[Row] = []
+    for device in devices:
+        default = ["fp32"] if device == "cpu" else ["fp32", "fp16", "bf16"]
+        dtypes = [d.strip() for d in args.dtypes.split(",")] if args.dtypes else default
+        n = args.cpu_images if device == "cpu" else args.cuda_images
+        for dtype in dtypes:
+            rows += run_device(device, dtype, n, args.warmup, args.size, vocab, templates, methods)
+
+    section = report(rows, args, devices, vocab, n_windows, resized, len(templates))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = ("# Benchmarks\n\nGenerated by `python benchmarks/suite.py` (see its docstring for what each row "
+              "measures). Random weights: the numbers are speed and memory only.\n\n")
+    if args.append and out.exists():
+        out.write_text(out.read_text().rstrip("\n") + "\n\n" + section)
+    else:
+        out.write_text(header + section)
+    print("\n" + section)
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
