@@ -235,18 +235,14 @@ class SpectralAttentionHook:
         weights = torch.stack([m.weights for m in matchings]).to(clip_k.device, torch.float64)
         idx = assignment[:, :, None, None].expand(b, h, n, vfm_k.shape[-1])
         matched_k = torch.gather(vfm_k, 1, idx)  # (B, Hc, N, Dh_v)
-        matched_k = matched_k.double()  # the low rank and its eigenscaling stay in float64 (cass.md §9)
-        vfm_graph = spectral.attention_graph(matched_k, scale)
-        ranks = None
-        if cfg.lowrank is not None:
-            u, s, v, ranks = spectral.low_rank(
-                vfm_graph, cfg.rank, cfg.lowrank, keys=matched_k, scale=scale, seed=cfg.lowrank_seed,
-                eta=cfg.energy_eta,
-            )
-            if cfg.eigenscaling:
-                s = spectral.eigenscale(s, cfg.eigenscale_eps, mask=spectral.rank_mask(ranks, s.shape[-1]))
-            vfm_graph = spectral.low_rank_graph(u, s, v)
-        vfm_graph = spectral.zero_diagonal(vfm_graph)
+        # the low rank and its eigenscaling stay in float64 (cass.md §9); the exact paths need only the keys
+        matched_k = matched_k.double()
+        graph = spectral.attention_graph(matched_k, scale) if cfg.lowrank in ("randomized", None) else None
+        vfm_graph, ranks = spectral.distilled_vfm_graph(
+            graph, vfm_keys=matched_k, scale=scale,
+            lowrank=cfg.lowrank, rank=cfg.rank, eigenscaling=cfg.eigenscaling and cfg.lowrank is not None,
+            eps=cfg.eigenscale_eps, seed=cfg.lowrank_seed, eta=cfg.energy_eta,
+        )
         for i, m in enumerate(matchings):
             m.ranks = None if ranks is None else ranks[i].detach().cpu()
         return vfm_graph, weights, matchings

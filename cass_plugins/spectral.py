@@ -35,6 +35,7 @@ __all__ = [
     "fuse_graphs",
     "gather_heads",
     "distill_vfm_graph",
+    "distilled_vfm_graph",
 ]
 
 LOWRANK_METHODS = ("randomized", "exact", "energy", "eigengap")
@@ -641,34 +642,59 @@ def distill_vfm_graph(
         ``(fused, ranks)``: fused graph (..., Hc, N, N) in ``clip_graph.dtype``; ranks (..., Hc)
         LongTensor, or None when ``lowrank`` is None.
     """
-    if vfm_graph is None:
-        if vfm_keys is None or scale is None:
-            raise ValueError("distill_vfm_graph needs vfm_graph, or vfm_keys together with scale")
+    if vfm_graph is None and (vfm_keys is None or scale is None):
+        raise ValueError("distill_vfm_graph needs vfm_graph, or vfm_keys together with scale")
     if assignment is not None:
         vfm_graph = gather_heads(vfm_graph, assignment) if vfm_graph is not None else None
         vfm_keys = gather_heads(vfm_keys, assignment) if vfm_keys is not None else None
+    d, ranks = distilled_vfm_graph(
+        vfm_graph, vfm_keys=vfm_keys, scale=scale, lowrank=lowrank, rank=rank, eigenscaling=eigenscaling, eps=eps,
+        seed=seed, q=q, niter=niter, eta=eta, q0=q0, dq=dq, basis=basis,
+    )
+    d = range_match(d, clip_graph.to(torch.float64), dims=(-2, -1))
+    return fuse_graphs(d, clip_graph, w, lam), ranks
+
+
+def distilled_vfm_graph(
+    vfm_graph: Tensor | None,
+    *,
+    vfm_keys: Tensor | None = None,
+    scale: float | None = None,
+    lowrank: str | None = "randomized",
+    rank: int | None = 10,
+    eigenscaling: bool = True,
+    eps: float = 1.5,
+    seed: int = 0,
+    q: int = 10,
+    niter: int = 2,
+    eta: float = 0.95,
+    q0: int = 10,
+    dq: int = 5,
+    basis: str = "exact",
+) -> tuple[Tensor, Tensor | None]:
+    """Spec §2 steps 8-10 for already matched VFM graphs: low rank → φ → D = U diag(φ(σ)) Vᵀ → zero diagonal.
+
+    The result is not yet range-matched: that depends on the CLIP graph it is fused with (step 10, done by
+    :func:`distill_vfm_graph` or by the caller for each graph). Arguments as :func:`distill_vfm_graph`.
+
+    Returns:
+        ``(D, ranks)``: float64 (..., Hc, N, N) with a zero diagonal; ranks (..., Hc) or None without low rank.
+    """
+    if vfm_graph is None and (vfm_keys is None or scale is None):
+        raise ValueError("distilled_vfm_graph needs vfm_graph, or vfm_keys together with scale")
     if lowrank is None:
         if eigenscaling:
             raise ValueError("eigenscaling rescales low-rank eigenvalues: it needs lowrank != None")
         d = vfm_graph if vfm_graph is not None else attention_graph(vfm_keys.to(torch.float64), scale)
-        d = d.to(torch.float64)
-        ranks = None
+        return zero_diagonal(d.to(torch.float64)), None
+    # With keys, the exact paths use the small Gram eigenproblem instead of an N×N eigh; the randomized SVD
+    # works on the graph itself (built from the keys when no graph is given).
+    if vfm_keys is not None and (lowrank != "randomized" or vfm_graph is None):
+        g, k = None, vfm_keys
     else:
-        # With keys, the exact paths use the N×Dh thin SVD instead of an N×N eigh; the randomized SVD
-        # works on the graph itself (built from the keys when no graph is given).
-        if vfm_keys is not None and (lowrank != "randomized" or vfm_graph is None):
-            g, k = None, vfm_keys
-        else:
-            g, k = vfm_graph, None
-        lr = _low_rank64(
-            g, rank, lowrank, keys=k, scale=scale, seed=seed, q=q, niter=niter, eta=eta, q0=q0, dq=dq,
-            basis=basis,
-        )
-        s = lr.S
-        if eigenscaling:
-            s = eigenscale(s, eps, mask=rank_mask(lr.ranks, s.shape[-1]))
-        d = low_rank_graph(lr.U, s, lr.V)
-        ranks = lr.ranks
-    d = zero_diagonal(d)
-    d = range_match(d, clip_graph.to(torch.float64), dims=(-2, -1))
-    return fuse_graphs(d, clip_graph, w, lam), ranks
+        g, k = vfm_graph, None
+    lr = _low_rank64(
+        g, rank, lowrank, keys=k, scale=scale, seed=seed, q=q, niter=niter, eta=eta, q0=q0, dq=dq, basis=basis,
+    )
+    s = eigenscale(lr.S, eps, mask=rank_mask(lr.ranks, lr.S.shape[-1])) if eigenscaling else lr.S
+    return zero_diagonal(low_rank_graph(lr.U, s, lr.V)), lr.ranks
