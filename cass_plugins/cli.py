@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.set)
     except ValueError as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err} (put the image files before --set, or end the --set list with --)")
     if args.print_config:
         try:
             print(resolve_cli_config(args, overrides).describe())

@@ -17,7 +17,7 @@ from .image import ImageSource, clip_normalize, load_image, resize_short_side
 from .ota import TextEmbeddingAdjuster
 from .pamr import apply_pamr
 from .patch import PatchHandle, encode_dense, image_embedding, patch_clip
-from .plugins import LogitsContext, TextContext, hookimpl
+from .plugins import ImageContext, LogitsContext, TextContext, hookimpl
 from .postprocess import logits_to_labels, upsample_logits
 from .presets import Config
 from .prior import PresencePriorHead
@@ -37,7 +37,8 @@ class SegmentationResult:
         probs: ``(C, H, W)`` per-class probabilities (max over synonyms, not renormalised).
         logits: ``(Q, H, W)`` raw cosine logits per query (after the prior and PAMR, before the logit scale).
         vocabulary: the vocabulary used.
-        timings: seconds spent per stage (for benchmarks).
+        record: per-image inspection data (``"matching"``: the head matching of the last window batch, and what
+            components added through ``ImageContext.record``).
     """
 
     labels: Tensor
@@ -110,6 +111,8 @@ class Segmenter:
         plugins: Sequence[object] = (),
         **overrides: Any,
     ) -> None:
+        # Parse the vocabulary first: a bad one must not leave the model patched.
+        default_vocabulary = _parse_vocabulary(vocabulary) if vocabulary is not None else None
         if device is not None:
             clip_model = clip_model.to(device)
             vfm = vfm.to(device) if vfm is not None else None
@@ -121,13 +124,17 @@ class Segmenter:
         )
         self.config: Config = self.handle.config
         cfg = self.config
-        if cfg.presence_prior:
-            self.handle.pm.register(PresencePriorPlugin(cfg.gamma), name="presence_prior")
-        if cfg.ota:
-            self.handle.pm.register(TextAdjusterPlugin(cfg.alpha, cfg.h_threshold, cfg.top_n), name="ota")
-        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(None)
+        try:
+            if cfg.presence_prior:
+                self.handle.pm.register(PresencePriorPlugin(cfg.gamma), name="presence_prior")
+            if cfg.ota:
+                self.handle.pm.register(TextAdjusterPlugin(cfg.alpha, cfg.h_threshold, cfg.top_n), name="ota")
+            self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(None)
+        except BaseException:
+            self.handle.remove()  # leave the model as we found it
+            raise
         self.device = next(clip_model.parameters()).device
-        self.vocabulary = Vocabulary.parse(vocabulary) if vocabulary is not None else None
+        self.vocabulary = default_vocabulary
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -155,7 +162,8 @@ class Segmenter:
         """Load, resize (short side) and CLIP-normalise → ``(1, 3, H, W)`` float32 and the original size."""
         rgb = load_image(image)
         original = (rgb.shape[-2], rgb.shape[-1])
-        resized = resize_short_side(rgb.float(), self.config.short_side, self.config.max_long_side)
+        # uint8 in → uint8 out (rounded like the reference's cv2.resize), then normalised (protocol.md §6)
+        resized = resize_short_side(rgb, self.config.short_side, self.config.max_long_side)
         return clip_normalize(resized)[None].to(self.device), original
 
     @torch.no_grad()
@@ -163,19 +171,23 @@ class Segmenter:
         """Segment one image (path, PIL image, numpy array or tensor) with ``vocabulary`` (or the default one)."""
         if not self.handle.active:
             raise RuntimeError("this Segmenter was closed (its model is unpatched); create a new one")
-        vocab = Vocabulary.parse(vocabulary) if vocabulary is not None else self.vocabulary
+        vocab = _parse_vocabulary(vocabulary) if vocabulary is not None else self.vocabulary
         if vocab is None:
             raise ValueError("no vocabulary: pass vocabulary=['cat', 'dog', ...] here or to Segmenter(...)")
         cfg = self.config
         x, original = self.preprocess(image)
         text = self.text_embeddings(vocab)
+        ictx = ImageContext(vocabulary=vocab, text=text, embed_text=self._embed_names, prob_thd=cfg.prob_thd)
+        self.handle.pm.hook.cass_begin_image(ctx=ictx)
         needs_prior = cfg.presence_prior or cfg.ota
         prior = None
         if needs_prior and cfg.prior_source == "image" and cfg.mode == "slide":
             prior = _cosine(image_embedding(self.model, x), text)  # once per image (cass.md §3)
+            if not torch.isfinite(prior).all():
+                raise FloatingPointError(_non_finite_message("the whole-image CLIP embedding", self.model, None))
 
         if cfg.mode == "whole":
-            logits, _ = self._run_windows(x, text, vocab, prior, needs_prior)
+            logits, _ = self._run_windows(x, text, vocab, prior, needs_prior, None)
             logits = upsample_logits(logits[0], original, two_step_via=tuple(x.shape[-2:]))
         else:
             h, w = x.shape[-2:]
@@ -183,31 +195,40 @@ class Segmenter:
             windows = window_grid(h, w, cfg.crop, cfg.stride)
             for batch in iter_window_batches(windows, cfg.window_batch):
                 crops = torch.cat([x[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in batch])
-                batch_logits, _ = self._run_windows(crops, text, vocab, prior, needs_prior)
+                batch_logits, _ = self._run_windows(crops, text, vocab, prior, needs_prior, batch)
                 acc.add_batch(batch, batch_logits)
             logits = upsample_logits(acc.result(), original)
 
+        self.handle.pm.hook.cass_end_image(ctx=ictx)  # e.g. CDAM's per-image entropy threshold
         if cfg.pamr_steps > 0:
             guide = F.interpolate(x.float(), size=original, mode="bilinear", align_corners=False)
             logits = apply_pamr(guide, logits[None], cfg.pamr_steps, cfg.pamr_dilations)[0]
         labels, probs = logits_to_labels(
-            logits, vocab.query_to_class_tensor(logits.device), logit_scale=cfg.logit_scale, prob_thd=cfg.prob_thd,
+            logits, vocab.query_to_class_tensor(logits.device), logit_scale=cfg.logit_scale, prob_thd=ictx.prob_thd,
             area_thd=cfg.area_thd,
         )
-        record = {"matching": self.handle.last_matching}
+        record = {"matching": self.handle.last_matching, **ictx.record}
         return SegmentationResult(labels.cpu(), probs.cpu(), logits.cpu(), vocab, record)
 
+    def _embed_names(self, names: Sequence[str]) -> Tensor:
+        """``(n, d)`` embeddings of extra prompts (one query each, duplicates kept), as the vocabulary's."""
+        return self.text_embeddings(Vocabulary(tuple((n,) for n in names), allow_duplicates=True))
+
     def _run_windows(
-        self, crops: Tensor, text: Tensor, vocab: Vocabulary, prior: Tensor | None, needs_prior: bool
+        self, crops: Tensor, text: Tensor, vocab: Vocabulary, prior: Tensor | None, needs_prior: bool,
+        windows: list[tuple[int, int, int, int]] | None,
     ) -> tuple[Tensor, Tensor]:
         """Dense features of a batch of crops → per-query logits ``(b, Q, gh, gw)``."""
-        dense = encode_dense(self.model, crops)
+        try:
+            dense = encode_dense(self.model, crops)
+        except (torch.linalg.LinAlgError, ValueError, RuntimeError) as err:
+            # NaN/inf keys first surface in the spectral solvers (SVD, matching); name the cause instead
+            if isinstance(err, torch.linalg.LinAlgError) or _non_finite_parameters(self.model, self.vfm):
+                raise FloatingPointError(_non_finite_message("the attention keys", self.model, self.vfm)) from err
+            raise
         features = dense.features.float()
         if not torch.isfinite(features).all():
-            raise FloatingPointError(
-                "CLIP features contain NaN or inf: the weights are probably missing/corrupt or fp16 overflowed; "
-                "check the checkpoint, or run the model in float32"
-            )
+            raise FloatingPointError(_non_finite_message("the CLIP patch features", self.model, self.vfm))
         b = features.shape[0]
         if needs_prior and (prior is None or self.config.prior_source == "crop"):
             # whole-image mode: this pass is the whole image; crop mode: each window's own embedding
@@ -217,9 +238,37 @@ class Segmenter:
         tctx = TextContext(features=features, text=text[None].expand(b, -1, -1), prior=window_prior, vocabulary=vocab)
         self.handle.pm.hook.cass_adjust_text(ctx=tctx)
         logits = TextEmbeddingAdjuster.logits(features, tctx.text)  # (b, Q, gh, gw)
-        lctx = LogitsContext(logits=logits, features=features, text=tctx.text, prior=window_prior)
+        lctx = LogitsContext(logits=logits, features=features, text=tctx.text, prior=window_prior, windows=windows)
         self.handle.pm.hook.cass_refine_logits(ctx=lctx)
         return lctx.logits, features
+
+
+def _parse_vocabulary(vocabulary: Any) -> Vocabulary:
+    if isinstance(vocabulary, str) and not vocabulary.strip(" \t\r\n;,"):
+        raise ValueError(f"empty vocabulary {vocabulary!r}: give at least one class, e.g. 'cat; dog, puppy; sky'")
+    return Vocabulary.parse(vocabulary)
+
+
+def _non_finite_parameters(clip_model: nn.Module, vfm: nn.Module | None) -> list[str]:
+    """``"CLIP parameters [names]"`` / ``"VFM parameters [names]"`` for each model holding NaN/inf weights."""
+    culprits = []
+    for label, model in (("CLIP", clip_model), ("VFM", vfm)):
+        if model is None:
+            continue
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            culprits.append(f"{label} parameters {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+    return culprits
+
+
+def _non_finite_message(where: str, clip_model: nn.Module, vfm: nn.Module | None) -> str:
+    """Name the model(s) whose parameters hold NaN/inf, or say that the activations overflowed."""
+    culprits = _non_finite_parameters(clip_model, vfm)
+    cause = (
+        "NaN/inf in the " + " and ".join(culprits) + ": the checkpoint is corrupt or was loaded incompletely"
+        if culprits else "no parameter is NaN/inf, so the activations overflowed: run the models in float32"
+    )
+    return f"NaN or inf in {where} ({cause})"
 
 
 def _cosine(image_embeds: Tensor, text: Tensor) -> Tensor:

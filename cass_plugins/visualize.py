@@ -52,16 +52,21 @@ def legend_overlay(
     rows = [i for i in range(len(class_names)) if not only_present or i in present]
     font = ImageFont.load_default()
     line = 16
-    width = 12 + 14 + 8 + max((len(class_names[i]) for i in rows), default=4) * 7 + 60
+    names = [class_names[i] for i in rows]
+    shares = [f"{100 * areas[n]:.1f}%" if areas and n in areas else "" for n in names]
+    name_w = int(max((font.getlength(n) for n in names), default=0)) + 1
+    share_w = int(max((font.getlength(t) for t in shares), default=0)) + 1
+    width = 12 + 14 + 8 + name_w + 10 + share_w + 12
     height = max(blended.height, 8 + line * len(rows))
     canvas = Image.new("RGB", (blended.width + width, height), (255, 255, 255))
     canvas.paste(blended, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for r, i in enumerate(rows):
+    for r, (i, name, share) in enumerate(zip(rows, names, shares)):
         x, y = blended.width + 12, 6 + r * line
         draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(c) for c in colours[i]), outline=(0, 0, 0))
-        share = f" {100 * areas[class_names[i]]:.1f}%" if areas and class_names[i] in areas else ""
-        draw.text((x + 20, y), f"{class_names[i]}{share}", fill=(0, 0, 0), font=font)
+        draw.text((x + 22, y), name, fill=(0, 0, 0), font=font)
+        if share:  # right-aligned in its own column
+            draw.text((x + 22 + name_w + 10 + share_w - font.getlength(share), y), share, fill=(0, 0, 0), font=font)
     return canvas
 
 

@@ -1,0 +1,195 @@
+"""``cass-segment``: help, --print-config, the files it writes, progress over several images, clean errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+import cass_plugins.cli as cli
+from cass_plugins.segmenter import Segmenter
+from conftest import TINY_CLIP, _register_tiny_clip, make_tiny_clip, make_tiny_vfm
+
+CLASSES = "cat, kitten; dog; sky, clouds; grass"
+
+
+def check_outputs(out: Path, stem: str, image: np.ndarray, num_classes: int) -> dict:
+    """The three files of one image: overlay with legend, label map, JSON with areas matching the label map."""
+    h, w = image.shape[:2]
+    overlay = Image.open(out / f"{stem}_overlay.png")
+    assert overlay.mode == "RGB" and overlay.width > w and overlay.height >= h  # the legend panel on the right
+    labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
+    assert labels.shape == (h, w) and labels.max() < num_classes
+    summary = json.loads((out / f"{stem}.json").read_text())
+    assert summary["size"] == [h, w]
+    areas = summary["areas"]
+    assert list(areas) == summary["classes"] and len(areas) == num_classes
+    assert sum(areas.values()) == pytest.approx(1.0)
+    counts = np.bincount(labels.ravel(), minlength=num_classes) / labels.size
+    assert np.allclose([areas[c] for c in summary["classes"]], counts)
+    # the image is under the overlay: where alpha = 0.5 blends it, the left part differs from the legend's white
+    left = np.asarray(overlay)[:h, :w].astype(int)
+    assert np.abs(left - image.astype(int)).max() <= 128
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ help / config
+def test_help_explains_everything(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--classes", "--classes-file", "--dataset-classes", "--preset", "--dataset", "--set",
+                 "--print-config", "--clip", "--pretrained", "--vfm", "--vfm-weights", "--device", "--out",
+                 "_overlay.png", "_labels.png", ".json", "synonyms", "offline", "cass-official"):
+        assert word in text, word
+
+
+def test_python_m_cass_plugins_help():
+    proc = subprocess.run([sys.executable, "-m", "cass_plugins", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: cass-segment")
+
+
+def test_print_config_reflects_dataset_and_set(capsys):
+    assert cli.main(["--print-config", "--dataset", "cityscapes", "--set", "gamma=0.33", "lowrank=exact",
+                     "matching=[0,1,2,3,4,5,6,7,8,9,10,11]"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    # cityscapes values (cass.md §7) where not overridden, the --set values where they are
+    assert cfg["dataset"] == "cityscapes" and cfg["short_side"] == 560 and cfg["prior_source"] == "crop"
+    assert cfg["eigenscaling"] is False and cfg["alpha"] == 0.03 and cfg["h_threshold"] == 0.14
+    assert cfg["gamma"] == 0.33 and cfg["lowrank"] == "exact" and cfg["matching"] == list(range(12))
+    assert cli.main(["--print-config", "--dataset", "voc21", "--vfm", "none"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["mode"] == "whole" and cfg["prob_thd"] == 0.1 and cfg["spectral"] is False
+
+
+def test_print_config_rejects_unknown_keys_and_datasets(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--print-config", "--set", "gamma_typo=1"])
+    assert "gamma_typo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--print-config", "--dataset", "mars"])
+    assert "mars" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--dataset", "voc21"],
+        ["--dataset", "cityscapes", "--set", "gamma=0.5", "fusion_lambda=1.0"],
+        ["--preset", "cass-paper", "--dataset", "ade20k"],
+        ["--baseline", "sclip", "--set", "spectral=False"],
+        ["--vfm", "none"],
+    ],
+)
+def test_printed_config_is_the_one_the_segmenter_uses(flags, capsys):
+    """--print-config loads no model; what it prints must still be what patch_clip resolves."""
+    assert cli.main(["--print-config", *flags]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    args = cli.build_parser().parse_args(flags)
+    overrides = cli.parse_overrides(args.set)
+    vfm = None if args.vfm.lower() == "none" else make_tiny_vfm()
+    if vfm is None:
+        overrides.setdefault("spectral", False)
+    with Segmenter(make_tiny_clip(), vfm, preset=args.preset, dataset=args.dataset, baseline=args.baseline,
+                   **overrides) as seg:
+        assert json.loads(seg.describe()) == printed
+
+
+# ------------------------------------------------------------------------------------------------ runs (tiny)
+@pytest.fixture
+def tiny_models(monkeypatch):
+    """``--clip cass-tiny-vit --pretrained random`` goes through load_clip; the VFM loader returns a tiny ViT."""
+    _register_tiny_clip()
+    monkeypatch.setattr(cli, "load_vfm", lambda name, weights, **kw: make_tiny_vfm())
+    return ["--clip", TINY_CLIP, "--pretrained", "random", "--vfm", "tiny", "--vfm-weights", "random",
+            "--device", "cpu", "--set", "short_side=64", "crop=64", "stride=32", "--"]
+
+
+def test_several_images_progress_bar_and_outputs(tiny_models, tmp_path, capsys):
+    images = {"chelsea": data.chelsea(), "astronaut": data.astronaut()[::3, ::2]}
+    for name, img in images.items():
+        Image.fromarray(img).save(tmp_path / f"{name}.png")
+    # a grayscale and a 16-bit image are converted, not rejected; two 'chelsea' stems do not overwrite each other
+    (tmp_path / "sub").mkdir()
+    gray = data.camera()[::4, ::3]
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "sub" / "chelsea.png")
+    out = tmp_path / "out"
+    paths = [str(tmp_path / "chelsea.png"), str(tmp_path / "astronaut.png"), str(tmp_path / "sub" / "chelsea.png")]
+    assert cli.main(["--classes", CLASSES, "--out", str(out), *tiny_models, *paths]) == 0
+    captured = capsys.readouterr()
+    assert "segmenting" in captured.err and "3/3" in captured.err  # tqdm progress bar
+    assert "wrote 9 files" in captured.out
+    check_outputs(out, "chelsea", images["chelsea"], 4)
+    summary = check_outputs(out, "astronaut", images["astronaut"], 4)
+    check_outputs(out, "chelsea_1", np.repeat(gray[:, :, None], 3, axis=2), 4)
+    assert summary["classes"] == ["cat", "dog", "sky", "grass"]
+    assert summary["synonyms"][0] == ["cat", "kitten"] and summary["config"]["short_side"] == 64
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{s}{suffix}" for s in ("chelsea", "astronaut", "chelsea_1") for suffix in ("_overlay.png", "_labels.png", ".json")
+    )
+
+
+def test_single_image_has_no_progress_bar(tiny_models, tmp_path, capsys):
+    Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg")
+    assert cli.main(["--dataset-classes", "cityscapes", "--out", str(tmp_path), *tiny_models,
+                     str(tmp_path / "coffee.jpg")]) == 0
+    assert "segmenting" not in capsys.readouterr().err
+    check_outputs(tmp_path, "coffee", np.asarray(Image.open(tmp_path / "coffee.jpg").convert("RGB")), 19)
+
+
+def test_clean_errors(tiny_models, tmp_path, capsys):
+    Image.fromarray(data.chelsea()).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    cases = [
+        (["--classes", "cat; dog", str(tmp_path / "missing.jpg")], "not found: "),
+        (["--classes", "", str(tmp_path / "ok.png")], "empty vocabulary"),
+        (["--classes", "cat; cat", str(tmp_path / "ok.png")], "duplicate class name"),
+        ([str(tmp_path / "ok.png")], "give the classes"),
+        (["--classes", "cat", "--set", "gamma=0.1", str(tmp_path / "ok.png")], "put the image files before --set"),
+        (["--classes", "cat"], "at least one image"),
+        (["--classes", "cat", "--out", str(tmp_path / "o"), *tiny_models, str(tmp_path / "bad.png")],
+         "bad.png is not an image"),
+        (["--classes", "cat", "--clip", "ViT-B-16", "--pretrained", str(tmp_path / "no.pt"),
+          str(tmp_path / "ok.png")], "checkpoint file not found"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code != 0
+        text = str(info.value.code) + capsys.readouterr().err
+        assert message in text, (argv, text)
+        assert "Traceback" not in text
+
+
+# ------------------------------------------------------------------------------------------------ full size
+@pytest.mark.slow
+def test_full_size_random_checkpoints_on_a_photo(tmp_path, capsys):
+    """ViT-B/16 + DINO ViT-B/8 architectures with random weights saved as checkpoint files, on a real photo."""
+    import open_clip
+    import timm
+
+    torch.manual_seed(0)
+    clip_file = tmp_path / "clip_vit_b16_random.pt"
+    torch.save(open_clip.create_model("ViT-B-16", pretrained=None).state_dict(), clip_file)
+    vfm_file = tmp_path / "dino_vitb8_random.pth"
+    torch.save(timm.create_model("vit_base_patch8_224", pretrained=False, num_classes=0).state_dict(), vfm_file)
+    photo = data.astronaut()  # 512×512 → 336×336: 2×2 windows (few classes and windows keep this under a minute)
+    Image.fromarray(photo).save(tmp_path / "astronaut.jpg", quality=95)
+    decoded = np.asarray(Image.open(tmp_path / "astronaut.jpg"))
+    out = tmp_path / "out"
+    assert cli.main([str(tmp_path / "astronaut.jpg"), "--classes", "person, astronaut; flag",
+                     "--clip", "ViT-B-16", "--pretrained", str(clip_file), "--vfm", "vit_base_patch8_224",
+                     "--vfm-weights", str(vfm_file), "--device", "cpu", "--out", str(out)]) == 0
+    summary = check_outputs(out, "astronaut", decoded, 2)
+    assert summary["config"]["short_side"] == 336 and summary["config"]["spectral"] is True
+    assert "wrote 3 files" in capsys.readouterr().out
