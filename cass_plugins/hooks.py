@@ -180,6 +180,17 @@ class SpectralAttentionHook:
         self.config = config
         self.last_matching: list[HeadMatching] = []
 
+    @staticmethod
+    def attach(model: nn.Module, vfm: nn.Module, preset: str = "cass-official", **overrides: Any) -> Any:
+        """Attach only this component (NACLIP-reduced block + VFM graph; no OPS/OTA) to ``model``.
+
+        Shorthand for ``patch_clip(model, vfm, preset, components=["spectral"], **overrides)``; returns its
+        :class:`~cass_plugins.patch.PatchHandle` (``remove()`` / context manager).
+        """
+        from .patch import patch_clip
+
+        return patch_clip(model, vfm, preset, components=["spectral"], **overrides)
+
     @hookimpl(tryfirst=True)
     def cass_refine_graphs(self, ctx: BlockContext) -> None:
         cfg = self.config

@@ -197,3 +197,14 @@ def test_entry_point_plugins_are_discovered(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(REGISTRY, "baselines", dict(REGISTRY.baselines))
     assert load_entry_point_plugins() == 1
     assert REGISTRY.baseline("fake-naclip") is Renamed
+
+
+def test_spectral_hook_attach_shorthand(tiny_clip: nn.Module, tiny_vfm: nn.Module) -> None:
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        with cp.patch_clip(tiny_clip, tiny_vfm, components=["spectral"]):
+            ref = cp.encode_dense(tiny_clip, x).features
+        with cp.SpectralAttentionHook.attach(tiny_clip, tiny_vfm) as handle:
+            assert handle.spectral is not None and not handle.config.presence_prior and not handle.config.ota
+            assert torch.equal(cp.encode_dense(tiny_clip, x).features, ref)
+    assert cp.get_patch(tiny_clip) is None
