@@ -170,3 +170,31 @@ def test_image_smaller_than_a_patch_is_refused(tiny_clip: nn.Module) -> None:
         vit_access(tiny_clip).embed(torch.randn(1, 3, 8, 64))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         vit_access(tiny_clip).embed(torch.randn(3, 64, 64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, heads, prefix, interp", [
+    ("vit_base_patch8_224.dino", 12, 1, "dino"),
+    ("vit_base_patch16_224.dino", 12, 1, "dino"),
+    ("vit_small_patch8_224.dino", 6, 1, "dino"),
+    ("vit_small_patch16_224.dino", 6, 1, "dino"),
+    ("vit_base_patch14_reg4_dinov2.lvd142m", 12, 5, "size"),
+])
+def test_full_size_vfm_families_give_keys(name: str, heads: int, prefix: int, interp: str) -> None:
+    """Every VFM the spec names (cass.md §2) yields last-block keys on a non-native square input."""
+    from cass_plugins.hooks import VFMRunner
+    from cass_plugins.loading import load_vfm
+
+    vfm = load_vfm(name, "random")
+    runner = VFMRunner(vfm)
+    try:
+        acc = runner.access
+        assert (acc.num_heads, acc.num_prefix_tokens, acc.pos_interp) == (heads, prefix, interp)
+        with torch.no_grad():
+            keys, grid = runner.keys(torch.randn(1, 3, 224, 336))  # square side 224 (cass.md §2.1)
+        side = 224 // acc.patch_size[0]
+        assert grid == (side, side) and keys.shape == (1, heads, side * side, acc.head_dim)
+        assert torch.isfinite(keys).all()
+    finally:
+        runner.remove()
+    assert not vfm.blocks[-1]._forward_pre_hooks
