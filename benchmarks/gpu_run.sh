@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One prepared device run: CUDA tests + GPU benchmarks. Needs the wheels in .whl (open_clip_torch, ftfy, wcwidth, timm)
-# because the GPU image has no open_clip. Results land in $OUT (or ./gpu_out).
+# One prepared device run: CUDA tests + GPU benchmarks. Results land in $OUT (or ./gpu_out).
+# The lent GPU image has torch but no open_clip and no internet: first, on a machine with PyPI, fill .whl
+# (ignored through .git/info/exclude: `echo /.whl/ >> .git/info/exclude`) and carry it:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     open_clip_torch==3.3.0 timm==1.0.31 ftfy wcwidth
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
