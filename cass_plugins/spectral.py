@@ -187,7 +187,9 @@ def key_spectrum(keys: Tensor, scale: float, m: int = 20) -> Tensor:
     Returns:
         (..., m) float64, descending.
     """
-    sigma2, _ = _gram_eigh(keys)
+    k = _to_solver(keys.to(torch.float64))
+    with _single_thread():  # eigenvalues only: cheaper than the eigenpairs _gram_eigh returns
+        sigma2 = torch.linalg.eigvalsh(k.transpose(-1, -2) @ k).flip(-1).clamp_min(0)
     n = keys.shape[-2]
     return _take_top(scale * sigma2[..., : min(n, sigma2.shape[-1])], m).to(keys.device)
 
