@@ -168,11 +168,9 @@ def _load_models(device: str, dtype: str) -> tuple[torch.nn.Module, Any, torch.n
 
 
 def _baselines() -> list[str]:
-    from cass_plugins.plugins import REGISTRY, load_entry_point_plugins
+    from cass_plugins.plugins import REGISTRY, load_plugins
 
-    import adapters  # noqa: F401  (registers the built-in baselines)
-
-    load_entry_point_plugins()
+    load_plugins()
     return sorted(REGISTRY.baselines)
 
 

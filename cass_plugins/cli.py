@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     from .image import load_image
-    from .segmenter import Segmenter
+    from .segmenter import Segmenter, _parse_vocabulary
     from .visualize import legend_overlay, save_label_map
     from .vocabulary import Vocabulary
 
@@ -173,9 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give the classes: --classes \"cat; dog, puppy; sky\", --classes-file FILE or --dataset-classes NAME")
     try:
         if args.classes is not None:
-            if not args.classes.strip(" \t\r\n;,"):
-                raise ValueError(f"empty vocabulary {args.classes!r}: give at least one class, e.g. \"cat; dog\"")
-            vocabulary = Vocabulary.parse(args.classes)
+            vocabulary = _parse_vocabulary(args.classes)  # the Segmenter's check: a blank string is no vocabulary
         elif args.classes_file is not None:
             vocabulary = Vocabulary.from_file(args.classes_file)
         else:

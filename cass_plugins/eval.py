@@ -41,6 +41,7 @@ from torch import nn
 from .cli import parse_overrides
 from .datasets import DATASETS, SegmentationDataset, get_dataset_info
 from .metrics import IoUAccumulator
+from .plugins import load_plugins
 from .presets import resolve_config
 from .segmenter import Segmenter
 from .vocabulary import Vocabulary
@@ -537,17 +538,6 @@ def _ordered(names: set[str], index: Mapping[str, int]) -> list[str]:
     return sorted(names, key=lambda n: index[n])
 
 
-def _load_plugins() -> None:
-    """Register the built-in baselines and their presets (``adapters``) and third-party entry-point plugins."""
-    from .plugins import load_entry_point_plugins
-
-    try:
-        import adapters  # noqa: F401  (registers baselines and their presets)
-    except ImportError:  # a stripped-down install without the adapters package
-        pass
-    load_entry_point_plugins()
-
-
 def _build_segmenter(
     models: Any, dataset: str, preset: str, baseline: str | None, components: Sequence[str] | None,
     overrides: Mapping[str, Any] | None, device: str | torch.device | None,
@@ -559,7 +549,7 @@ def _build_segmenter(
         return segmenter
     clip, vfm, tokenizer = _unpack_models(models)
     overrides = dict(overrides or {})
-    _load_plugins()
+    load_plugins()
     try:
         resolve_config(preset, dataset)
         ds_values: str | None = dataset
@@ -687,7 +677,7 @@ def _validate_config(preset: str, datasets: Sequence[str], baseline: str | None,
     from .patch import COMPONENTS
     from .plugins import REGISTRY
 
-    _load_plugins()
+    load_plugins()
     for name in datasets:
         try:
             resolve_config(preset, name, **overrides)

@@ -66,6 +66,7 @@ class LastBlockHook:
         ctx.graphs = list(graphs)
         self.pm.hook.cass_refine_graphs(ctx=ctx)
         patch = self.pm.hook.cass_block_output(ctx=ctx)
+        ctx.patch_output = patch
         self.state.output_grid = ctx.output_grid or grid
         self.state.record = ctx.record
         new = torch.cat([out[:, : acc.num_prefix_tokens], patch.to(out.dtype)], dim=1)
@@ -217,7 +218,7 @@ class SpectralAttentionHook:
                 all_matchings.append(distilled[key][2])
             vfm_graph, weights, _ = distilled[key]
             d = spectral.range_match(vfm_graph, graph, dims=(2, 3))
-            ctx.graphs[i] = spectral.fuse_graphs(d, graph, weights, cfg.fusion_lambda).to(graph.dtype)
+            ctx.graphs[i] = spectral.fuse_graphs(d, graph, weights, cfg.fusion_lambda)  # in graph's dtype
         self.last_matching = all_matchings[0] if all_matchings else []
         ctx.record["matching"] = self.last_matching
         if len(all_matchings) > 1:
@@ -228,7 +229,6 @@ class SpectralAttentionHook:
     ) -> tuple[Tensor, Tensor, list[HeadMatching]]:
         """Steps 2-10 of cass.md §2 against ``clip_k``: the distilled VFM graph, fusion weights and matchings."""
         cfg = self.config
-        b, h, n, _ = clip_k.shape
         vfm_k = resize_keys(vfm_k.to(clip_k.dtype), vgrid, ctx.grid)
         vfm_k = spectral.range_match(vfm_k, clip_k, dims=(1, 2, 3))
         scale = ctx.access.scale  # both graphs use CLIP's Dh^-0.5 (cass.md §9)
@@ -239,15 +239,13 @@ class SpectralAttentionHook:
         # the official pairing quirk reads C[i, j] with i a CLIP head index: only defined for equal head counts
         pairing = cfg.pairing if cost.shape[1] == cost.shape[2] else "paper"
         matchings = [
-            match_heads(cost[i], cfg.matching, solve_dtype=solve_dtype, tie_break=cfg.tie_break, pairing=pairing)
-            for i in range(b)
+            match_heads(c, cfg.matching, solve_dtype=solve_dtype, tie_break=cfg.tie_break, pairing=pairing)
+            for c in cost  # one (Hv, Hc) cost per image
         ]
         assignment = torch.stack([m.assignment for m in matchings]).to(clip_k.device)  # (B, Hc)
         weights = torch.stack([m.weights for m in matchings]).to(clip_k.device, torch.float64)
-        idx = assignment[:, :, None, None].expand(b, h, n, vfm_k.shape[-1])
-        matched_k = torch.gather(vfm_k, 1, idx)  # (B, Hc, N, Dh_v)
         # the low rank and its eigenscaling stay in float64 (cass.md §9); the exact paths need only the keys
-        matched_k = matched_k.double()
+        matched_k = spectral.gather_heads(vfm_k, assignment).double()  # (B, Hc, N, Dh_v)
         graph = spectral.attention_graph(matched_k, scale) if cfg.lowrank in ("randomized", None) else None
         vfm_graph, ranks = spectral.distilled_vfm_graph(
             graph, vfm_keys=matched_k, scale=scale,

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 

@@ -31,7 +31,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
     "hookspec", "hookimpl", "BlockContext", "TextContext", "LogitsContext", "ImageContext", "Registry", "REGISTRY",
-    "make_plugin_manager", "load_entry_point_plugins", "load_builtin_plugins",
+    "make_plugin_manager", "load_entry_point_plugins", "load_builtin_plugins", "load_plugins",
 ]
 
 
@@ -176,16 +176,14 @@ class Registry:
         self.components[name] = factory
 
     def baseline(self, name: str) -> Callable[..., Any]:
-        load_builtin_plugins()
-        load_entry_point_plugins()
+        load_plugins()
         if name not in self.baselines:
             raise ValueError(f"unknown baseline {name!r}; available: {sorted(self.baselines)}")
         return self.baselines[name]
 
     def component(self, name: str) -> Callable[..., Any]:
         """The factory of a named component (called with the resolved config)."""
-        load_builtin_plugins()
-        load_entry_point_plugins()
+        load_plugins()
         if name not in self.components:
             raise ValueError(f"unknown component {name!r}; available: {sorted(self.components)}")
         return self.components[name]
@@ -208,6 +206,12 @@ def load_builtin_plugins() -> None:
     """
     import adapters  # noqa: F401  (baselines)
     import adapters.cdam  # noqa: F401  (the CDAM component and its presets)
+
+
+def load_plugins() -> None:
+    """Register everything there is: the built-in adapters and the entry-point plugins (each loaded once)."""
+    load_builtin_plugins()
+    load_entry_point_plugins()
 
 
 def load_entry_point_plugins() -> int:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["Config", "PRESETS", "DATASET_PRESETS", "resolve_config", "list_presets"]
 

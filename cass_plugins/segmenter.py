@@ -187,7 +187,7 @@ class Segmenter:
                 raise FloatingPointError(_non_finite_message("the whole-image CLIP embedding", self.model, None))
 
         if cfg.mode == "whole":
-            logits, _ = self._run_windows(x, text, vocab, prior, needs_prior, None)
+            logits = self._run_windows(x, text, vocab, prior, needs_prior, None)
             logits = upsample_logits(logits[0], original, two_step_via=tuple(x.shape[-2:]))
         else:
             h, w = x.shape[-2:]
@@ -195,7 +195,7 @@ class Segmenter:
             windows = window_grid(h, w, cfg.crop, cfg.stride)
             for batch in iter_window_batches(windows, cfg.window_batch):
                 crops = torch.cat([x[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in batch])
-                batch_logits, _ = self._run_windows(crops, text, vocab, prior, needs_prior, batch)
+                batch_logits = self._run_windows(crops, text, vocab, prior, needs_prior, batch)
                 acc.add_batch(batch, batch_logits)
             logits = upsample_logits(acc.result(), original)
 
@@ -217,7 +217,7 @@ class Segmenter:
     def _run_windows(
         self, crops: Tensor, text: Tensor, vocab: Vocabulary, prior: Tensor | None, needs_prior: bool,
         windows: list[tuple[int, int, int, int]] | None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> Tensor:
         """Dense features of a batch of crops → per-query logits ``(b, Q, gh, gw)``."""
         try:
             dense = encode_dense(self.model, crops)
@@ -240,7 +240,7 @@ class Segmenter:
         logits = TextEmbeddingAdjuster.logits(features, tctx.text)  # (b, Q, gh, gw)
         lctx = LogitsContext(logits=logits, features=features, text=tctx.text, prior=window_prior, windows=windows)
         self.handle.pm.hook.cass_refine_logits(ctx=lctx)
-        return lctx.logits, features
+        return lctx.logits
 
 
 def _parse_vocabulary(vocabulary: Any) -> Vocabulary:

@@ -14,7 +14,6 @@ from cass_plugins.cli import parse_overrides
 import torch
 from PIL import Image
 
-from cass_plugins import eval as cass_eval
 from cass_plugins.eval import evaluate, format_paper_table, main
 from cass_plugins.segmenter import Segmenter
 from cass_plugins.vocabulary import Vocabulary
