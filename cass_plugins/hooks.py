@@ -202,6 +202,8 @@ class SpectralAttentionHook:
         vfm_k, vgrid = self.vfm.keys(ctx.images)
         if cfg.vfm_fp16_keys:
             vfm_k = vfm_k.half()
+        # resized to the CLIP grid once; every graph source (q or k of the same block) shares the dtype
+        vfm_k = resize_keys(vfm_k.to(ctx.k.dtype), vgrid, ctx.grid)
         # Each graph is distilled against the tokens it is the Gram matrix of (keys by default; q for a q-q graph
         # of SCLIP/ClearCLIP). Graphs sharing those tokens share one matching and one distilled VFM graph.
         sources = list(ctx.graph_keys) if ctx.graph_keys is not None else [None] * len(ctx.graphs)
@@ -214,7 +216,7 @@ class SpectralAttentionHook:
             key = -1 if src is None else id(src)
             if key not in distilled:
                 clip_k = ctx.patch_k if src is None else src
-                distilled[key] = self._distill(ctx, vfm_k, vgrid, clip_k)
+                distilled[key] = self._distill(ctx, vfm_k, clip_k)
                 all_matchings.append(distilled[key][2])
             vfm_graph, weights, _ = distilled[key]
             d = spectral.range_match(vfm_graph, graph, dims=(2, 3))
@@ -225,11 +227,11 @@ class SpectralAttentionHook:
             ctx.record["matching_per_source"] = all_matchings
 
     def _distill(
-        self, ctx: BlockContext, vfm_k: Tensor, vgrid: tuple[int, int], clip_k: Tensor
+        self, ctx: BlockContext, vfm_k: Tensor, clip_k: Tensor
     ) -> tuple[Tensor, Tensor, list[HeadMatching]]:
-        """Steps 2-10 of cass.md §2 against ``clip_k``: the distilled VFM graph, fusion weights and matchings."""
+        """Steps 3-10 of cass.md §2 against ``clip_k`` (VFM keys already on the CLIP grid): the distilled VFM
+        graph, fusion weights and matchings."""
         cfg = self.config
-        vfm_k = resize_keys(vfm_k.to(clip_k.dtype), vgrid, ctx.grid)
         vfm_k = spectral.range_match(vfm_k, clip_k, dims=(1, 2, 3))
         scale = ctx.access.scale  # both graphs use CLIP's Dh^-0.5 (cass.md §9)
         spec_c = spectral.normalize_spectrum(spectral.key_spectrum(clip_k, scale, cfg.spectrum_size))

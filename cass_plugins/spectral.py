@@ -633,7 +633,7 @@ def distill_vfm_graph(
         lam: λ (10 in ``cass-official``, 1 in ``cass-paper``).
         assignment: (Hc,) or (..., Hc) VFM head per CLIP head; None = inputs already matched.
         vfm_keys: (..., Hv|Hc, N, Dh_v) range-matched VFM keys (same head layout as ``vfm_graph``);
-            lets the exact path use the thin SVD of the keys.
+            lets the exact path use the small Gram eigenproblem of the keys.
         scale: graph scale (needed with ``vfm_keys``).
         lowrank: low-rank method (see :func:`low_rank`) or None for the full graph.
         rank, seed, q, niter, eta, q0, dq, basis: forwarded to :func:`low_rank`.
