@@ -221,6 +221,76 @@ def test_jsd_no_nan_one_hot_and_uniform() -> None:
         assert torch.equal(cdam.jsd_attention(uniform), torch.zeros(1, 6, 6))
 
 
+def ref_jsd_float64(p: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """§5 direct form in float64, all pairs at once: ½ Σ_c p_i(ln(p_i+ε) − ln(M+ε)) + ½ Σ_c p_j(ln(p_j+ε) − ln(M+ε)).
+
+    With ε = 0 a class with p = 0 contributes 0 (0·ln 0 = 0).
+    """
+    p = p.double()
+    p_i, p_j = p[:, :, None, :], p[:, None, :, :]
+    log_m = torch.log((p_i + p_j) / 2 + eps)
+
+    def kl_term(q: torch.Tensor) -> torch.Tensor:
+        return torch.where(q > 0, q * (torch.log(q + eps) - log_m), torch.zeros_like(log_m))
+
+    return 0.5 * kl_term(p_i).sum(-1) + 0.5 * kl_term(p_j).sum(-1)
+
+
+def ref_attention_float64(jsd: torch.Tensor, temp: float = 0.1, eps: float = 1e-8) -> torch.Tensor:
+    """§6 in float64: 1 − JSD, row min-max, row softmax(·/P), row min-max."""
+
+    def minmax(x: torch.Tensor) -> torch.Tensor:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        return (x - lo) / (hi - lo + eps)
+
+    return minmax(torch.softmax(minmax(1.0 - jsd.double()) / temp, dim=-1))
+
+
+def near_uniform_distributions(b: int = 2, n: int = 50, c: int = 171, seed: int = 12) -> torch.Tensor:
+    # softmax of tiny logits: JSD ~1e-5, where ½h_i + ½h_j − Σ M ln M (each term ≈ ln C ≈ 5) cancels in float32.
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(0.01 * torch.randn(b, n, c, generator=g, dtype=torch.float64), dim=-1).float()
+
+
+def test_pairwise_jsd_float32_near_uniform_matches_float64_reference() -> None:
+    p = near_uniform_distributions()
+    ref = ref_jsd_float64(p)  # the same float32 inputs, divergence in float64
+    assert ref.max() < 1e-4  # the regime of the issue
+    jsd = cdam.pairwise_jsd(p, chunk_size=7)
+    assert jsd.dtype == torch.float32
+    # Direct form: ~5e-8. The cancelling ½h_i + ½h_j − Σ M ln(M+ε) form was ~1.3e-6 here.
+    assert (jsd.double() - ref).abs().max().item() < 2e-7
+    assert torch.equal(torch.diagonal(jsd, dim1=-2, dim2=-1), torch.zeros(2, 50))
+    assert torch.equal(jsd, jsd.transpose(1, 2))
+
+
+def test_jsd_attention_float32_near_uniform_matches_float64_reference() -> None:
+    # Downstream CDAM map: the §6 row min-max rescales each row by its JSD range (~1e-5), so JSD errors are
+    # amplified ~1e3×. With the direct form the float32 map stays within ~6e-5 of float64 (what remains is the
+    # float32 1 − JSD / softmax of §6 itself); with the cancelling form it was ~1.4e-3.
+    p = near_uniform_distributions()
+    ref = ref_attention_float64(ref_jsd_float64(p))
+    att = cdam.jsd_attention(p)
+    assert (att.double() - ref).abs().max().item() < 2e-4
+    full = cdam.multiscale_cdam(torch.log(p) * cdam.CLASS_TEMPERATURE, (5, 10), scales=(1.0,))
+    assert (full.double() - ref).abs().max().item() < 2e-4
+
+
+def test_pairwise_jsd_eps_zero_matches_float64_reference() -> None:
+    # Exact zeros in the distributions: without ε the 0·ln 0 = 0 convention must hold, in float32 and float64.
+    s = random_similarity(2, 20, 9, seed=13)
+    p = cdam.class_distribution(s)
+    p = torch.where(s < 0.05, torch.zeros_like(p), p)
+    p = p / p.sum(-1, keepdim=True)
+    assert (p == 0).any()
+    ref = ref_jsd_float64(p, eps=0.0)
+    j64 = cdam.pairwise_jsd(p, eps=0.0, chunk_size=6)
+    j32 = cdam.pairwise_jsd(p.float(), eps=0.0, chunk_size=6)
+    assert torch.isfinite(j64).all() and torch.isfinite(j32).all()
+    assert torch.allclose(j64, ref, atol=1e-14, rtol=0)
+    assert torch.allclose(j32.double(), ref, atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # §6 transform
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,10 +354,14 @@ def test_upsample_pairwise_matches_u_x_ut() -> None:
 
 @pytest.mark.parametrize("order", ["upsample_divergence", "upsample_attention"])
 def test_multiscale_cdam_matches_loop_reference(order: str) -> None:
-    grid = (6, 9)  # non-square, non-integer ratios; sub-grids 1×2, 2×3, 3×4, 3×5, 4×6, 5×7
-    s0 = random_similarity(2, 54, 6, seed=9)
+    # Non-square, non-integer ratios; sub-grids 1×2, 2×3, 3×5, 3×6, 4×7, 5×8. The width is even on purpose: with an
+    # odd width a 1×2 sub-grid puts the middle column exactly between its two cells, so that query's up-sampled
+    # divergence row is constant in exact arithmetic and the §6 min-max (ε = 1e-8) blows its ~1e-17 rounding noise
+    # up to O(1): a comparison of rounding noise, not of the formula.
+    grid = (6, 10)
+    s0 = random_similarity(2, 60, 6, seed=9)
     out = cdam.multiscale_cdam(s0, grid, multiscale_order=order, chunk_size=10)
-    assert out.shape == (2, 54, 54)
+    assert out.shape == (2, 60, 60)
     for b in range(2):
         ref = ref_multiscale(as_lists(s0[b]), grid, cdam.CDAM_SCALES, order=order)
         assert torch.allclose(out[b], torch.tensor(ref, dtype=torch.float64), atol=1e-11, rtol=0)
