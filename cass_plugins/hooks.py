@@ -33,6 +33,7 @@ class PatchState:
     output_grid: tuple[int, int] | None = None
     bypass: bool = False  # run the unmodified block (used for whole-image embeddings)
     record: dict[str, Any] = field(default_factory=dict)
+    windows_seen: int = 0  # crops through the patched block since the last reset: the next crop's window index
 
 
 class LastBlockHook:
@@ -59,7 +60,12 @@ class LastBlockHook:
         grid = self._grid(x.shape[1] - acc.num_prefix_tokens)
         q, k, v = acc.qkv(x)
         images = self.state.images if self.state.images is not None and self.state.images.shape[0] == x.shape[0] else None
-        ctx = BlockContext(access=acc, x=x, block_output=out, q=q, k=k, v=v, grid=grid, images=images)
+        first = self.state.windows_seen
+        self.state.windows_seen += x.shape[0]
+        ctx = BlockContext(
+            access=acc, x=x, block_output=out, q=q, k=k, v=v, grid=grid, images=images,
+            window_indices=list(range(first, first + x.shape[0])),
+        )
         graphs = self.pm.hook.cass_attention_graphs(ctx=ctx)
         if graphs is None:
             raise RuntimeError("no baseline plugin produced attention graphs; register one (e.g. adapters.NACLIP)")
@@ -166,6 +172,34 @@ def resize_keys(keys: Tensor, src: tuple[int, int], dst: tuple[int, int]) -> Ten
     return maps.reshape(b, h, dh, dst[0] * dst[1]).permute(0, 1, 3, 2)
 
 
+def matching_for_window(matching: Any, cost: Tensor, window: int) -> str | Sequence[int]:
+    """The head-matching strategy or explicit assignment of one window (``Config.matching``).
+
+    ``matching`` is a strategy name, one explicit assignment for every window, a sequence of explicit assignments
+    indexed by window, or a callable ``fn(cost, window_index)`` returning either of the first two.
+    """
+    if callable(matching):
+        chosen = matching(cost.detach().clone(), window)
+        if not isinstance(chosen, (str, Tensor)) and not _is_int_sequence(chosen):
+            raise TypeError(
+                f"the matching callable returned {chosen!r} for window {window}: return a strategy name or a "
+                "sequence of VFM head indices (one per CLIP head)"
+            )
+        return chosen
+    if isinstance(matching, str) or _is_int_sequence(matching):
+        return matching
+    if window >= len(matching):
+        raise ValueError(
+            f"matching gives assignments for {len(matching)} windows but window {window} was reached; give one "
+            "per window of every image (cass_plugins.windows.window_grid counts them), or a callable"
+        )
+    return matching[window]
+
+
+def _is_int_sequence(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 class SpectralAttentionHook:
     """CASS spectral object-level context distillation as a last-block component (cass.md §2).
 
@@ -240,10 +274,13 @@ class SpectralAttentionHook:
         solve_dtype = torch.float32 if cfg.solve_dtype == "float32" else torch.float64
         # the official pairing quirk reads C[i, j] with i a CLIP head index: only defined for equal head counts
         pairing = cfg.pairing if cost.shape[1] == cost.shape[2] else "paper"
-        matchings = [
-            match_heads(c, cfg.matching, solve_dtype=solve_dtype, tie_break=cfg.tie_break, pairing=pairing)
-            for c in cost  # one (Hv, Hc) cost per image
-        ]
+        matchings = []
+        windows = ctx.window_indices or list(range(cost.shape[0]))
+        for c, window in zip(cost, windows):  # one (Hv, Hc) cost per crop
+            strategy = matching_for_window(cfg.matching, c, window)
+            m = match_heads(c, strategy, solve_dtype=solve_dtype, tie_break=cfg.tie_break, pairing=pairing)
+            m.window = window
+            matchings.append(m)
         assignment = torch.stack([m.assignment for m in matchings]).to(clip_k.device)  # (B, Hc)
         weights = torch.stack([m.weights for m in matchings]).to(clip_k.device, torch.float64)
         # the low rank and its eigenscaling stay in float64 (cass.md §9); the exact paths need only the keys

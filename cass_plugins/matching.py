@@ -1,9 +1,17 @@
-"""Head matching between VFM and CLIP attention heads (spec §2.7, §6 "pairing quirk", §9, §10).
+"""Head matching between VFM and CLIP attention heads (CASS, Kim et al. CVPR 2025, §3.2 "complementary
+spectral graph matching"; authors' ``cass.py``; docs/matching.md).
 
 The cost is ``C[i, j] = 1 − W(λ_v[i], λ_c[j])`` with rows = VFM heads and columns = CLIP heads (see
 :func:`cass_plugins.spectral.spectral_cost`). CASS minimises the total cost with the Hungarian algorithm,
-pairing the most different spectra. The cost is close to additive, so optima are often tied (§10): the
+pairing the most different spectra. The cost is close to additive, so optima are often tied: the
 result carries the margin to the best other assignment, and an explicit assignment can be forced.
+
+Two readings of the solver's answer exist (docs/matching.md, "Official pairing"). With
+``row_ind, col_ind = linear_sum_assignment(C)`` (``row_ind = 0..h−1``), the true Hungarian pairing puts VFM head
+``i`` with CLIP head ``col_ind[i]``. The authors' fusion loop instead fuses VFM head ``col_ind[i]`` into CLIP head
+``i`` — the column index read as a VFM head, i.e. the *inverse* permutation — with the weight from
+``C[i, col_ind[i]]``. ``pairing="official"`` reproduces both halves (the published numbers come from it);
+``pairing="paper"`` fuses the true pairs.
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["HeadMatching", "match_heads", "STRATEGIES", "TIE_BREAKS", "PAIRINGS"]
+__all__ = ["HeadMatching", "match_heads", "official_fused_heads", "STRATEGIES", "TIE_BREAKS", "PAIRINGS"]
 
 logger = logging.getLogger("cass_plugins.matching")
 
@@ -37,15 +45,24 @@ class HeadMatching:
 
     Attributes:
         cost: (Hv, Hc) cost as handed to the solver (``solve_dtype``), before any tie-break rounding.
-        assignment: (Hc,) LongTensor: VFM head fused into each CLIP head.
-        weights: (Hc,) fusion weight w per CLIP head (``1 − C`` of the entry ``pairing`` selects).
-        margin: total cost of the best assignment that differs from the chosen one minus the chosen
-            one's (float64, on ``cost``, in the strategy's objective: ≥ 0 means the chosen assignment is
-            optimal, 0 a tie, < 0 that a better one exists); ``inf`` when no other assignment exists.
+        assignment: (Hc,) LongTensor: the VFM head actually fused into each CLIP head (for
+            ``pairing="official"`` the inverse of :attr:`pairs`). Pass it back as ``matching=[...]`` to
+            reproduce a run.
+        weights: (Hc,) fusion weight w per CLIP head: ``1 − C[i, assignment[i]]`` (official) or
+            ``1 − C[assignment[i], i]`` (paper).
+        pairs: (Hc,) LongTensor: the pairing in the cost's sense — ``pairs[j]`` is the VFM head whose cost
+            ``C[pairs[j], j]`` the solver summed for CLIP head j (the true Hungarian pairing). Equal to
+            ``assignment`` for ``pairing="paper"``; ``None`` for an explicit official assignment that is not a
+            permutation (it has no pairing reading).
+        margin: total cost of the best pairing that differs from :attr:`pairs` minus that of :attr:`pairs`
+            (float64, on ``cost``, in the strategy's objective: ≥ 0 means the chosen pairing is optimal, 0 a
+            tie, < 0 that a better one exists); ``inf`` when no other pairing exists, ``nan`` when
+            :attr:`pairs` is ``None``.
         strategy: the strategy name (``"explicit"`` for an explicit assignment).
         pairing: ``"official"`` or ``"paper"``.
         ranks: (Hc,) low-rank ranks used per CLIP head; filled in by the caller that ran the low
             rank (None until then).
+        window: index of the window (crop) this matching was made for, when the caller counts windows.
     """
 
     cost: Tensor
@@ -55,6 +72,8 @@ class HeadMatching:
     strategy: str
     pairing: str = "official"
     ranks: Tensor | None = None
+    pairs: Tensor | None = None
+    window: int | None = None
 
 
 def _tile_rows(obj: np.ndarray, hc: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +162,21 @@ def _tie_break_matrix(obj: np.ndarray, tie_break: str) -> np.ndarray:
     return obj + TIE_RESOLUTION * off_diagonal
 
 
+def official_fused_heads(pairs: np.ndarray) -> np.ndarray:
+    """The authors' reading of a square pairing: CLIP head i ← VFM head ``col_ind[i]``.
+
+    ``pairs[j]`` is the VFM row paired with CLIP column j, so ``col_ind[pairs[j]] = j``: the authors' loop,
+    which takes ``col_ind[i]`` as the VFM head for CLIP head ``i``, fuses the inverse permutation.
+    """
+    fused = np.empty_like(pairs)
+    fused[pairs] = np.arange(pairs.shape[0], dtype=pairs.dtype)
+    return fused
+
+
+def _is_permutation(values: np.ndarray) -> bool:
+    return np.array_equal(np.sort(values), np.arange(values.shape[0]))
+
+
 def match_heads(
     cost: Tensor,
     strategy: str | Sequence[int] | Tensor = "complementary",
@@ -156,26 +190,31 @@ def match_heads(
     Strategies:
         ``"complementary"``: ``linear_sum_assignment`` minimising C (most different spectra; CASS).
         ``"similar"``: maximising C.
-        ``"sequential"``: CLIP head i ← VFM head ``i mod Hv``.
-        a sequence of ints: explicit VFM head per CLIP head (exact reproduction of a run, spec §10).
+        ``"sequential"``: CLIP head i paired with VFM head ``i mod Hv``.
+        a sequence of ints: explicit VFM head *fused into* each CLIP head (what :attr:`HeadMatching.assignment`
+        reports, so a run is reproduced exactly by passing its assignment back).
     Rectangular costs: with Hv < Hc the VFM rows are repeated ``ceil(Hc/Hv)`` times so heads can be
     reused; with Hv > Hc some VFM heads stay unused.
+
+    Pairing (docs/matching.md): the solver returns a pairing ``pairs`` (VFM head per CLIP column, the entries
+    whose costs it summed). ``pairing="paper"`` fuses it as is, ``w[i] = 1 − C[pairs[i], i]``.
+    ``pairing="official"`` reproduces the authors' loop over ``row_ind, col_ind``: CLIP head ``i`` receives VFM
+    head ``col_ind[i]`` (the inverse permutation of ``pairs``) with ``w[i] = 1 − C[i, col_ind[i]]`` — the cost of
+    VFM head ``i``'s own pair, read by the CLIP head of the same index. Needs Hv == Hc. For an explicit
+    assignment ``a`` the same weight rule applies to the fused heads: ``w[i] = 1 − C[i, a[i]]`` (official) or
+    ``1 − C[a[i], i]`` (paper).
 
     Precision: the solver sees ``cost.to(solve_dtype)`` (the authors solve on float32, which decides
     among tied optima). ``tie_break="round"`` solves on that cost rounded to multiples of 1e-6 (integer
     ticks, exact in float64). ``"sequential"`` solves ``C + 1e-6·[VFM head ≠ CLIP head]``: it minimises
-    total + 1e-6 × (number of heads not matched to themselves), so among assignments whose totals agree
-    to well below 1e-6 (the §10 ties, 1e-15 in float64, ≲ 1e-6 after float32 rounding for |C| ≤ 1) it
+    total + 1e-6 × (number of heads not paired with themselves), so among pairings whose totals agree
+    to well below 1e-6 (ties, 1e-15 in float64, ≲ 1e-6 after float32 rounding for |C| ≤ 1) it
     returns the one closest to sequential, and its total is within Hc·1e-6 of the optimum.
 
-    Margin: Murty-style second best on the float64 value of the solved cost, in the strategy's
+    Margin: Murty-style second best of ``pairs`` on the float64 value of the solved cost, in the strategy's
     objective (C for complementary, −C for similar; sequential/explicit are measured against the
-    complementary objective). ≥ 0 means the chosen assignment is optimal; it can be −ulp from rounding,
+    complementary objective). ≥ 0 means the chosen pairing is optimal; it can be −ulp from rounding,
     and negative for explicit/sequential/tie-broken choices that are not optimal.
-
-    Weights ``w = 1 − C`` (the original ``cost``, its dtype): ``pairing="official"`` uses the
-    authors' transposed entry ``w[i] = 1 − C[i, assignment[i]]`` (needs Hv == Hc); ``"paper"`` the
-    fused pair ``w[i] = 1 − C[assignment[i], i]``.
 
     Args:
         cost: (Hv, Hc) cost, rows VFM heads, columns CLIP heads.
@@ -185,7 +224,7 @@ def match_heads(
         pairing: ``"official"`` or ``"paper"``.
 
     Returns:
-        :class:`HeadMatching`; assignment and weights on ``cost``'s device.
+        :class:`HeadMatching`; assignment, pairs and weights on ``cost``'s device.
 
     Raises:
         ValueError: bad shape, non-finite cost, unknown option, invalid explicit assignment, or
@@ -204,7 +243,7 @@ def match_heads(
         raise ValueError(f"unknown pairing {pairing!r}; expected one of {PAIRINGS}")
     if pairing == "official" and hv != hc:
         raise ValueError(
-            f"pairing='official' reads the transposed cost entry C[i, assignment[i]] and needs as many VFM "
+            f"pairing='official' reads the solver's column index as a VFM head and needs as many VFM "
             f"as CLIP heads (got Hv={hv}, Hc={hc}); use pairing='paper'"
         )
 
@@ -219,28 +258,36 @@ def match_heads(
         name = strategy
         obj = -c64 if strategy == "similar" else c64
         if strategy == "sequential":
-            assignment = np.arange(hc, dtype=np.int64) % hv
+            pairs = np.arange(hc, dtype=np.int64) % hv
         else:
             target = obj if tie_break is None else _tie_break_matrix(obj, tie_break)
             tiled, row_head = _tile_rows(target, hc)
-            assignment = _solve(tiled, row_head)
+            pairs = _solve(tiled, row_head)
+        fused = official_fused_heads(pairs) if pairing == "official" else pairs
     else:
         name = "explicit"
         obj = c64
-        assignment = _explicit(strategy, hv, hc)
+        fused = _explicit(strategy, hv, hc)
+        if pairing == "paper":
+            pairs = fused
+        else:
+            pairs = official_fused_heads(fused) if _is_permutation(fused) else None  # the inverse of the inverse
 
-    margin = _margin(obj, assignment)
+    margin = _margin(obj, pairs) if pairs is not None else math.nan
     if margin < TIE_LOG_THRESHOLD:
         logger.debug(
-            "head matching (%s): margin %.3e to the best other assignment; assignment %s",
-            name, margin, assignment.tolist(),
+            "head matching (%s): margin %.3e to the best other pairing; pairs %s",
+            name, margin, pairs.tolist(),
         )
 
     device = cost.device
-    a = torch.as_tensor(assignment, dtype=torch.long, device=device)
+    a = torch.as_tensor(fused, dtype=torch.long, device=device)
     cols = torch.arange(hc, device=device)
     if pairing == "official":
         weights = 1.0 - cost.detach()[cols, a]
     else:
         weights = 1.0 - cost.detach()[a, cols]
-    return HeadMatching(cost=solved, assignment=a, weights=weights, margin=margin, strategy=name, pairing=pairing)
+    return HeadMatching(
+        cost=solved, assignment=a, weights=weights, margin=margin, strategy=name, pairing=pairing,
+        pairs=None if pairs is None else torch.as_tensor(pairs, dtype=torch.long, device=device),
+    )

@@ -51,6 +51,11 @@ class PatchHandle:
         fusion weights, low-rank ranks and margin (0 = tied optimum). Empty without spectral distillation."""
         return list(self.spectral.last_matching) if self.spectral is not None else []
 
+    def reset_windows(self) -> None:
+        """Start counting windows from 0 again (call before the first crop of each image when a per-window
+        ``matching`` list or callable should see the image's own window numbers)."""
+        self.state.windows_seen = 0
+
     @property
     def output_grid(self) -> tuple[int, int] | None:
         return self.state.output_grid

@@ -54,6 +54,10 @@ class BlockContext:
         patch_output: ``(B, N', D)`` set by ``cass_block_output``.
         output_grid: grid of ``patch_output`` (differs from ``grid`` for ProxyCLIP).
         record: per-forward inspection data (e.g. ``"matching"``) copied to the patch handle.
+        window_indices: one index per batch row: the crops this patch has seen before it, counted since the
+            patch was made or :meth:`~cass_plugins.patch.PatchHandle.reset_windows` was last called (the
+            :class:`~cass_plugins.segmenter.Segmenter` resets it at every image, so they are the image's window
+            numbers in raster order).
     """
 
     access: Any
@@ -70,6 +74,7 @@ class BlockContext:
     patch_output: Tensor | None = None
     output_grid: tuple[int, int] | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    window_indices: list[int] = field(default_factory=list)
 
     @property
     def num_prefix(self) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["Config", "PRESETS", "DATASET_PRESETS", "resolve_config", "list_presets"]
 
@@ -32,7 +32,8 @@ class Config:
     proxy_gamma: float = 3.0
     # --- last block: CASS spectral object-level context distillation (cass.md §2) ---
     spectral: bool = True  # fuse the VFM graph at all
-    matching: str | tuple[int, ...] = "complementary"  # complementary | similar | sequential | explicit heads
+    # complementary | similar | sequential | explicit heads (one tuple) | one tuple per window | fn(cost, window)
+    matching: str | tuple[int, ...] | tuple[tuple[int, ...], ...] | Callable[[Any, int], Any] = "complementary"
     tie_break: str | None = None  # None (plain solver) | "sequential" | "round"
     pairing: str = "official"  # "official" (w from the transposed cost entry) | "paper"
     solve_dtype: str = "float32"  # precision of the cost handed to the Hungarian solver
@@ -91,8 +92,10 @@ class Config:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ValueError(f"unknown configuration key(s) {unknown}; valid keys: {sorted(names)}")
-        if "matching" in overrides and isinstance(overrides["matching"], list):
-            overrides["matching"] = tuple(overrides["matching"])
+        if "matching" in overrides and isinstance(overrides["matching"], (list, tuple)):
+            overrides["matching"] = tuple(
+                tuple(m) if isinstance(m, (list, tuple)) else m for m in overrides["matching"]
+            )
         for key in ("pamr_dilations", "cdam_scales"):
             if key in overrides:
                 overrides[key] = tuple(overrides[key])
@@ -121,11 +124,7 @@ class Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
-        if isinstance(self.matching, str) and self.matching not in ("complementary", "similar", "sequential"):
-            raise ValueError(
-                f"matching={self.matching!r}: use 'complementary', 'similar', 'sequential' or a sequence of VFM "
-                "head indices (one per CLIP head)"
-            )
+        _validate_matching(self.matching)
         if not self.cdam_scales or not all(0.0 < m <= 1.0 for m in self.cdam_scales):
             raise ValueError(f"cdam_scales={self.cdam_scales!r}: give one or more scales in (0, 1]")
         if self.crop <= 0 or self.stride <= 0:
@@ -139,6 +138,24 @@ class Config:
     def describe(self) -> str:
         """The resolved configuration as indented JSON (what users print to see every knob)."""
         return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def _validate_matching(matching: Any) -> None:
+    """``matching``: a strategy, one explicit assignment, one assignment per window, or a callable."""
+    if callable(matching) or matching in ("complementary", "similar", "sequential"):
+        return
+
+    def heads(value: Any) -> bool:
+        return isinstance(value, tuple) and bool(value) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+
+    if heads(matching) or (isinstance(matching, tuple) and matching and all(heads(m) for m in matching)):
+        return
+    raise ValueError(
+        f"matching={matching!r}: use 'complementary', 'similar', 'sequential', a sequence of VFM head indices "
+        "(one per CLIP head), a list of such sequences (one per window), or a callable fn(cost, window_index)"
+    )
 
 
 # Method presets: cass.md §6. The Config defaults are cass-official's last-block values.

@@ -37,8 +37,12 @@ class SegmentationResult:
         probs: ``(C, H, W)`` per-class probabilities (max over synonyms, not renormalised).
         logits: ``(Q, H, W)`` raw cosine logits per query (after the prior and PAMR, before the logit scale).
         vocabulary: the vocabulary used.
-        record: per-image inspection data (``"matching"``: the head matching of the last window batch, and what
-            components added through ``ImageContext.record``).
+        record: per-image inspection data: ``"windows"`` the ``(y1, y2, x1, x2)`` box of every window (one
+            whole-image box in whole mode); ``"matching"`` one :class:`~cass_plugins.matching.HeadMatching` per
+            window in the same order (assignment, weights, margin, cost; empty without spectral distillation;
+            for baselines with two graphs the first graph's, all of them under ``"matching_per_source"``);
+            ``"ota_clusters"`` the OTA clusters as tuples of query names; and what components added through
+            ``ImageContext.record``.
     """
 
     labels: Tensor
@@ -79,7 +83,7 @@ class TextAdjusterPlugin:
         base = ctx.text[0] if ctx.text.dim() == 3 else ctx.text
         clusters = self.adjuster.cluster(base, key=ctx.vocabulary.queries if ctx.vocabulary is not None else None)
         ctx.text = self.adjuster.adjust(ctx.features, base, ctx.prior, clusters)
-        ctx.record["clusters"] = clusters
+        ctx.record["ota_clusters"] = clusters
 
 
 class Segmenter:
@@ -178,6 +182,9 @@ class Segmenter:
         x, original = self.preprocess(image)
         text = self.text_embeddings(vocab)
         ictx = ImageContext(vocabulary=vocab, text=text, embed_text=self._embed_names, prob_thd=cfg.prob_thd)
+        self.handle.reset_windows()  # per-window matchings see this image's window numbers
+        self._window_record: dict[str, list[Any]] = {"windows": [], "matching": [], "matching_per_source": []}
+        self._clusters: Tensor | None = None
         self.handle.pm.hook.cass_begin_image(ctx=ictx)
         needs_prior = cfg.presence_prior or cfg.ota
         prior = None
@@ -187,7 +194,7 @@ class Segmenter:
                 raise FloatingPointError(_non_finite_message("the whole-image CLIP embedding", self.model, None))
 
         if cfg.mode == "whole":
-            logits = self._run_windows(x, text, vocab, prior, needs_prior, None)
+            logits = self._run_windows(x, text, vocab, prior, needs_prior, [(0, x.shape[-2], 0, x.shape[-1])])
             logits = upsample_logits(logits[0], original, two_step_via=tuple(x.shape[-2:]))
         else:
             h, w = x.shape[-2:]
@@ -207,7 +214,7 @@ class Segmenter:
             logits, vocab.query_to_class_tensor(logits.device), logit_scale=cfg.logit_scale, prob_thd=ictx.prob_thd,
             area_thd=cfg.area_thd,
         )
-        record = {"matching": self.handle.last_matching, **ictx.record}
+        record = {**self._image_record(vocab), **ictx.record}
         return SegmentationResult(labels.cpu(), probs.cpu(), logits.cpu(), vocab, record)
 
     def _embed_names(self, names: Sequence[str]) -> Tensor:
@@ -238,9 +245,37 @@ class Segmenter:
         tctx = TextContext(features=features, text=text[None].expand(b, -1, -1), prior=window_prior, vocabulary=vocab)
         self.handle.pm.hook.cass_adjust_text(ctx=tctx)
         logits = TextEmbeddingAdjuster.logits(features, tctx.text)  # (b, Q, gh, gw)
-        lctx = LogitsContext(logits=logits, features=features, text=tctx.text, prior=window_prior, windows=windows)
+        lctx = LogitsContext(
+            logits=logits, features=features, text=tctx.text, prior=window_prior,
+            windows=windows if self.config.mode == "slide" else None,
+        )
         self.handle.pm.hook.cass_refine_logits(ctx=lctx)
+        self._record_windows(windows, tctx.record)
         return lctx.logits
+
+    def _record_windows(self, windows: list[tuple[int, int, int, int]], text_record: dict[str, Any]) -> None:
+        """Keep every window's head matching (the handle only holds the last forward's)."""
+        rec = self._window_record
+        rec["windows"].extend(windows)
+        rec["matching"].extend(self.handle.last_matching)
+        per_source = self.handle.state.record.get("matching_per_source")
+        if per_source is not None:  # one list per graph source, each with one matching per batch row
+            rec["matching_per_source"].extend(zip(*per_source))
+        if "ota_clusters" in text_record:
+            self._clusters = text_record["ota_clusters"]
+
+    def _image_record(self, vocab: Vocabulary) -> dict[str, Any]:
+        rec = self._window_record
+        record: dict[str, Any] = {"windows": rec["windows"], "matching": rec["matching"]}
+        if rec["matching_per_source"]:
+            record["matching_per_source"] = [list(m) for m in rec["matching_per_source"]]
+        if self._clusters is not None:
+            labels = self._clusters.tolist()
+            groups: dict[int, list[str]] = {}
+            for query, label in zip(vocab.queries, labels):
+                groups.setdefault(label, []).append(query)
+            record["ota_clusters"] = [tuple(groups[k]) for k in sorted(groups)]
+        return record
 
 
 def _parse_vocabulary(vocabulary: Any) -> Vocabulary:

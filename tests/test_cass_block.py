@@ -106,11 +106,16 @@ def reference(model, vfm, x, assignment_from_patch, preset: str):
         costs.append(cost)
         rows, cols = linear_sum_assignment(cost.numpy())
         best = cost.numpy()[rows, cols].sum()
-        assign = assignment_from_patch[b]
-        assert cost.numpy()[assign, np.arange(h)].sum() <= best + 1e-5, "patch picked a non-optimal assignment"
+        pairs = assignment_from_patch[b]  # VFM row paired with each CLIP column by the patch's solver
+        assert cost.numpy()[pairs, np.arange(h)].sum() <= best + 1e-5, "patch picked a non-optimal assignment"
+        # the solver's answer as scipy returns it: row_ind = 0..h-1, col_ind[row] = the column paired with it
+        col_ind = np.empty(h, dtype=np.int64)
+        col_ind[pairs] = np.arange(h)
         fused_heads = []
         for i in range(h):
-            j = int(assign[i])
+            # cass-official (spec §6): CLIP head i <- VFM head col_ind[i], w = W(VFM i, CLIP col_ind[i]);
+            # cass-paper: the true pair, CLIP head i <- VFM head pairs[i], w = W of that pair
+            j = int(pairs[i]) if paper else int(col_ind[i])
             w = w_dist[j, i] if paper else w_dist[i, j]
             evals, evecs = torch.linalg.eigh(a_v[j])
             evals, evecs = evals.flip(0), evecs.flip(1)
@@ -145,7 +150,7 @@ def test_cass_block_matches_float64_spec(preset: str) -> None:
         ours = cp.encode_dense(model, x).features
         matchings = handle.last_matching
     with torch.no_grad():
-        ref, costs = reference(model, vfm, x, [m.assignment.numpy() for m in matchings], preset)
+        ref, costs = reference(model, vfm, x, [m.pairs.numpy() for m in matchings], preset)
     for m, c in zip(matchings, costs):
         torch.testing.assert_close(m.cost.double(), c, atol=2e-5, rtol=0)  # float32 cost handed to the solver
     torch.testing.assert_close(ours.double(), ref, atol=5e-4, rtol=1e-3)

@@ -45,12 +45,14 @@ def test_unique_optimum_assignment_and_margin() -> None:
 def test_orientation_rows_are_vfm_heads() -> None:
     # CLIP head 0's cheapest VFM head is 2, CLIP head 1's is 0, CLIP head 2's is 1.
     cost = torch.tensor([[9.0, 0.0, 9.0], [9.0, 9.0, 0.0], [0.0, 9.0, 9.0]])
-    assert match_heads(cost).assignment.tolist() == [2, 0, 1]
+    assert match_heads(cost).pairs.tolist() == [2, 0, 1]
+    assert match_heads(cost, pairing="paper").assignment.tolist() == [2, 0, 1]
 
 
 def test_similar_maximises_and_margin_sign() -> None:
     m = match_heads(C3, "similar")
-    assert m.assignment.tolist() == [2, 0, 1]  # total 20
+    assert m.pairs.tolist() == [2, 0, 1]  # total 20
+    assert m.assignment.tolist() == [1, 2, 0]  # official: the inverse is fused
     assert m.margin == 1.0  # 20 − 19 in the maximisation: ≥ 0 means optimal
 
 
@@ -60,8 +62,13 @@ def test_sequential_and_explicit_margin_under_complementary_objective() -> None:
     e = match_heads(C3, [1, 0, 2])
     assert e.strategy == "explicit" and e.assignment.tolist() == [1, 0, 2]
     assert e.margin == -6.0  # 6 (best other) − 12 (chosen): not optimal
+    # official: fused heads [2, 0, 1] are the solver pairing [1, 2, 0] read the authors' way; that pairing
+    # sums C[1,0] + C[2,1] + C[0,2] = 4 + 9 + 6 = 19
     t = match_heads(C3, torch.tensor([2, 0, 1]))
-    assert t.assignment.tolist() == [2, 0, 1] and t.margin == 6.0 - 20.0  # complementary objective
+    assert t.assignment.tolist() == [2, 0, 1] and t.pairs.tolist() == [1, 2, 0]
+    assert t.margin == 6.0 - 19.0  # complementary objective
+    p = match_heads(C3, torch.tensor([2, 0, 1]), pairing="paper")
+    assert p.pairs.tolist() == [2, 0, 1] and p.margin == 6.0 - 20.0
 
 
 @pytest.mark.parametrize(
@@ -143,9 +150,9 @@ def test_tie_break_sequential_prefers_identity() -> None:
     # the preference never overrides a real difference (≥ 1e-6): C3's optimum is the identity by value,
     # a permuted copy's is not.
     perm = C3[:, [2, 0, 1]]  # column j of perm is column (2,0,1)[j] of C3
-    assert match_heads(perm, tie_break="sequential").assignment.tolist() == [2, 0, 1]
+    assert match_heads(perm, tie_break="sequential").pairs.tolist() == [2, 0, 1]
     near = torch.eye(3, dtype=torch.float64) * 2e-6  # identity costs 6e-6 more than any derangement
-    assert match_heads(near, tie_break="sequential", solve_dtype=torch.float64).assignment.tolist() != [0, 1, 2]
+    assert match_heads(near, tie_break="sequential", solve_dtype=torch.float64).pairs.tolist() != [0, 1, 2]
 
 
 @pytest.mark.parametrize("solve_dtype", [torch.float64, torch.float32])
@@ -164,7 +171,7 @@ def test_tie_break_round_is_optimal_on_rounded_costs() -> None:
     m = match_heads(cost, tie_break="round", solve_dtype=torch.float64)
     rounded = np.round(cost.numpy() * 1e6)
     best = _brute_force(rounded, 1)[0][0]
-    assert math.fsum(rounded[m.assignment[j], j] for j in range(5)) == best
+    assert math.fsum(rounded[m.pairs[j], j] for j in range(5)) == best
 
 
 @pytest.mark.parametrize("hv,hc", [(2, 5), (3, 4), (1, 3)])
@@ -200,7 +207,7 @@ def test_random_square_margin_matches_brute_force_second_best() -> None:
     cost = torch.rand(5, 5, generator=g)
     m = match_heads(cost)  # solved on float32: reference on the float32 values in float64
     ranked = _brute_force(cost.to(torch.float64).numpy(), 1)
-    assert tuple(m.assignment.tolist()) == ranked[0][1]
+    assert tuple(m.pairs.tolist()) == ranked[0][1]
     assert abs(m.margin - (ranked[1][0] - ranked[0][0])) < 1e-12
 
 
@@ -221,3 +228,52 @@ def test_tie_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="cass_plugins.matching"):
         match_heads(C3)
     assert not [r for r in caplog.records if r.name == "cass_plugins.matching"]
+
+
+# Asymmetric hand-worked costs whose optimal pairing is a cycle (not its own inverse), so the official reading
+# (CLIP head i ← VFM head col_ind[i]) and the true pairing (VFM head i ↔ CLIP head col_ind[i]) fuse different heads.
+# 3×3, rows VFM: the pairing VFM0↔CLIP2, VFM1↔CLIP0, VFM2↔CLIP1 costs 1 + 2 + 3 = 6; the runner-up, VFM0↔CLIP2,
+# VFM1↔CLIP1, VFM2↔CLIP0, costs 1 + 6 + 7 = 14 (the other four permutations: 15, 15, 16, 24).
+CYCLE3 = torch.tensor([[5.0, 9.0, 1.0], [2.0, 6.0, 8.0], [7.0, 3.0, 4.0]])
+# 4×4: the pairing VFM0↔CLIP1, VFM1↔CLIP3, VFM2↔CLIP0, VFM3↔CLIP2 costs 1+2+3+4; every other entry is ≥ 10.
+CYCLE4 = torch.tensor(
+    [[11.0, 1.0, 12.0, 13.0], [14.0, 15.0, 16.0, 2.0], [3.0, 17.0, 18.0, 19.0], [20.0, 21.0, 4.0, 22.0]]
+)
+
+
+def test_official_pairing_3x3_fuses_the_inverse_with_row_weights() -> None:
+    # linear_sum_assignment(CYCLE3) -> row_ind [0,1,2], col_ind [2,0,1].
+    off = match_heads(CYCLE3, solve_dtype=torch.float64)
+    assert off.pairs.tolist() == [1, 2, 0]  # CLIP0 paired with VFM1, CLIP1 with VFM2, CLIP2 with VFM0
+    # official: CLIP head i ← VFM head col_ind[i] = [2, 0, 1], w[i] = 1 − C[i, col_ind[i]] = 1 − [1, 2, 3]
+    assert off.assignment.tolist() == [2, 0, 1]
+    assert off.weights.tolist() == [0.0, -1.0, -2.0]
+    assert off.margin == 8.0  # 14 − 6
+    # paper: the true pairs are fused, w of the fused pair: 1 − C[1,0], 1 − C[2,1], 1 − C[0,2]
+    pap = match_heads(CYCLE3, solve_dtype=torch.float64, pairing="paper")
+    assert pap.assignment.tolist() == [1, 2, 0] and pap.pairs.tolist() == [1, 2, 0]
+    assert pap.weights.tolist() == [-1.0, -2.0, 0.0]
+    assert pap.margin == 8.0
+
+
+def test_official_pairing_4x4_fuses_the_inverse_with_row_weights() -> None:
+    # linear_sum_assignment(CYCLE4) -> col_ind [1, 3, 0, 2]
+    off = match_heads(CYCLE4)
+    assert off.pairs.tolist() == [2, 0, 3, 1]
+    assert off.assignment.tolist() == [1, 3, 0, 2]
+    assert off.weights.tolist() == [0.0, -1.0, -2.0, -3.0]  # 1 − C[i, col_ind[i]] = 1 − [1, 2, 3, 4]
+    pap = match_heads(CYCLE4, pairing="paper")
+    assert pap.assignment.tolist() == [2, 0, 3, 1]
+    assert pap.weights.tolist() == [-2.0, 0.0, -3.0, -1.0]  # 1 − C[2,0], 1 − C[0,1], 1 − C[3,2], 1 − C[1,3]
+
+
+def test_official_explicit_assignment_round_trips() -> None:
+    # Passing a run's fused heads back reproduces its heads, weights and margin.
+    off = match_heads(CYCLE4)
+    again = match_heads(CYCLE4, off.assignment.tolist())
+    assert again.assignment.tolist() == off.assignment.tolist() and again.pairs.tolist() == off.pairs.tolist()
+    assert again.weights.tolist() == off.weights.tolist() and again.margin == off.margin
+    # a non-permutation has no pairing reading: fused as given, margin undefined
+    many = match_heads(CYCLE4, [0, 0, 1, 1])
+    assert many.pairs is None and math.isnan(many.margin)
+    assert many.weights.tolist() == [1 - 11.0, 1 - 14.0, 1 - 17.0, 1 - 21.0]  # 1 − C[i, a[i]]
