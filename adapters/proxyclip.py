@@ -4,8 +4,9 @@ For the last CLIP block only ``V`` is used (Q and K are ignored):
 
 1. per head, ``V`` without CLS on the CLIP grid, bilinearly resized (``align_corners=False``) to the VFM grid
    ``(H', W')`` → ``V'`` with ``M = H'·W'`` tokens;
-2. ``E`` = the VFM's final-norm last-block features of the same crop (``VFMRunner.features``: CLIP normalisation
-   undone, ImageNet normalisation applied, no resize); ``Ê`` = ``E`` L2-normalised over channels (eps 1e-12);
+2. ``E`` = the VFM's final-norm last-block features of the same crop (``VFMRunner.features`` with ProxyCLIP's
+   input rule, :func:`proxyclip_vfm_input`: CLIP normalisation undone with OpenAI CLIP's 0–1 constants, ImageNet
+   normalisation applied, no resize); ``Ê`` = ``E`` L2-normalised over channels (eps 1e-12);
    ``S = Êᵀ Ê``; ``S' = γ·(S − β·mean(S))`` with β = 1.2, γ = 3.0 (``Config.proxy_beta`` / ``proxy_gamma``);
    ``S'[S' < 0] = −inf`` (exactly 0 is kept); ``A = softmax_row(S')``, shared by every head, no ``d^-0.5``;
 3. ``Z = out_proj(concat_j(A·V'_j))``: no residual, no FFN, no CLS; ``M`` tokens on the VFM grid
@@ -24,6 +25,9 @@ Quirks (F = fixed here):
   patch.
 - ``S`` and the mask are computed in float32 (ProxyCLIP: fp16) so the −inf decisions do not depend on the model's
   half precision.
+- VFM input: ProxyCLIP undoes the 0–255 CLIP normalisation of its crops with OpenAI CLIP's 0–1 constants
+  (``myutils.py``), not the exact inverse CASS uses; the ~1e-5 difference flips entries of the hard ``S' < 0``
+  mask, so the adapter sets ProxyCLIP's rule on the VFM runner it is given (reproduced, not fixed).
 
 VFMs: DINO v1 and DINOv2 (with or without registers) as timm ViTs, features taken after the final norm with the
 prefix tokens dropped, positional embedding interpolated the way each does it. SAM (neck features at 1024²) and MAE
@@ -35,6 +39,8 @@ on the VFM grid; there is no CLIP attention graph left to distil into). OPS and 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from types import MethodType
 from typing import Any
 
 import torch
@@ -42,12 +48,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cass_plugins.hooks import VFMRunner
+from cass_plugins.image import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from cass_plugins.plugins import BlockContext, hookimpl
 from cass_plugins.presets import Config
 
 from .base import BASELINE_PROTOCOL_OFF, Baseline
 
-__all__ = ["ProxyCLIP", "proxy_graph", "PRESETS"]
+__all__ = ["ProxyCLIP", "proxy_graph", "proxyclip_vfm_input", "use_proxyclip_vfm_input", "PRESETS"]
 
 
 def proxy_graph(feats: Tensor, beta: float = 1.2, gamma: float = 3.0) -> Tensor:
@@ -67,6 +74,67 @@ def proxy_graph(feats: Tensor, beta: float = 1.2, gamma: float = 3.0) -> Tensor:
     m = s.shape[-1]
     masked = (s < 0) & ~torch.eye(m, dtype=torch.bool, device=s.device)  # Q11: never mask the diagonal
     return s.masked_fill(masked, float("-inf"))
+
+
+def proxyclip_vfm_input(
+    clip_normalized: Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Tensor:
+    """ProxyCLIP's VFM input from a CLIP-normalised crop (baselines.md §1.5, "VFM input").
+
+    ProxyCLIP (``proxyclip_segmentor.py`` with ``myutils.py``'s ``UnNormalize``) undoes the crop's CLIP normalisation
+    per channel as ``x·σ + μ`` with OpenAI CLIP's 0–1 constants, although the crop was normalised with mmseg's
+    0–255 statistics; then it applies the VFM's ``(x − mean) / std``. The 0–1 constants are not exactly the 0–255
+    ones divided by 255, so this is not the exact inverse that :func:`cass_plugins.image.to_vfm_normalization` (CASS's
+    rule) computes: the two differ by ~1e-5, enough to flip entries of the proxy graph's hard ``S' < 0`` mask.
+    The two affine steps are folded into one, with coefficients and arithmetic in float64 (float32 on MPS).
+
+    Args:
+        clip_normalized: ``(3, H, W)`` or ``(B, 3, H, W)`` CLIP-normalised crops.
+        mean: The VFM's per-channel mean on the 0–1 scale (ImageNet's, as for DINO / DINOv2).
+        std: The VFM's per-channel std on the 0–1 scale.
+
+    Returns:
+        Tensor of the input's float dtype (float32 for integer input) and shape.
+    """
+    if clip_normalized.dim() not in (3, 4) or clip_normalized.shape[-3] != 3:
+        raise ValueError(f"expected (3, H, W) or (B, 3, H, W), got shape {tuple(clip_normalized.shape)}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("mean and std must have 3 entries (RGB)")
+    x = clip_normalized
+    # y = (x·σ_c + μ_c − mean) / std = x·a + b
+    a = [sc / s for sc, s in zip(OPENAI_CLIP_STD, std)]
+    b = [(mc - m) / s for mc, m, s in zip(OPENAI_CLIP_MEAN, mean, std)]
+    work = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    a_t = torch.tensor(a, dtype=work, device=x.device).view(-1, 1, 1)
+    b_t = torch.tensor(b, dtype=work, device=x.device).view(-1, 1, 1)
+    y = x.to(work) * a_t + b_t
+    return y.to(x.dtype if x.is_floating_point() else torch.float32)
+
+
+def _proxyclip_prepare(runner: VFMRunner, clip_images: Tensor, square: bool) -> Tensor:
+    # VFMRunner.prepare with ProxyCLIP's de-normalisation; the square resize is kept for the runner's contract.
+    x = proxyclip_vfm_input(clip_images.float(), runner.mean, runner.std)
+    if square:
+        side = min(x.shape[-2:])
+        if x.shape[-2] != side or x.shape[-1] != side:
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=False)
+    return x.to(runner.access.dtype)
+
+
+def use_proxyclip_vfm_input(runner: VFMRunner) -> VFMRunner:
+    """Make ``runner`` build its VFM input with :func:`proxyclip_vfm_input` (ProxyCLIP's rule) instead of CASS's.
+
+    ``patch_clip`` creates one plain ``VFMRunner`` per patch and hands it to the baseline; the ProxyCLIP adapter
+    swaps that runner's ``prepare`` (only on this instance: other runners, and CASS's rule, are untouched). Its
+    ``features`` and ``keys`` then use the new input; the VFM's mean/std stay the runner's own.
+
+    Returns:
+        The same runner.
+    """
+    runner.prepare = MethodType(_proxyclip_prepare, runner)  # type: ignore[method-assign]
+    return runner
 
 
 def _check_vfm(vfm: nn.Module | None) -> None:
@@ -106,7 +174,9 @@ class ProxyCLIP(Baseline):
     def __init__(self, config: Config, vfm: VFMRunner | None) -> None:
         self.check_config(config, vfm.model if vfm is not None else None)
         self.config = config
-        self.vfm = vfm
+        # ProxyCLIP's own VFM-input rule (baselines.md §1.5), set after the checks so a refused config leaves the
+        # runner as it was.
+        self.vfm = use_proxyclip_vfm_input(vfm) if vfm is not None else None
 
     @classmethod
     def check_config(cls, config: Config, vfm: nn.Module | None = None) -> None:

@@ -18,6 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "CLIP_MEAN_255",
     "CLIP_STD_255",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageSource",
@@ -30,6 +32,11 @@ __all__ = [
 
 CLIP_MEAN_255: tuple[float, float, float] = (122.771, 116.746, 104.094)
 CLIP_STD_255: tuple[float, float, float] = (68.501, 66.632, 70.323)
+#: OpenAI CLIP's own 0–1 statistics (its preprocessing ``Normalize``). Not CLIP_*_255 / 255: the 255-scale values are
+#: rounded to 3 decimals (e.g. 68.501 / 255 = 0.2686314 vs 0.26862954). ProxyCLIP undoes the 0–255 normalisation
+#: of its crops with these (ProxyCLIP ``myutils.py``), see ``adapters.proxyclip``.
+OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

@@ -22,6 +22,9 @@ from cass_plugins.plugins import hookimpl
 MODELS = {"open_clip": make_tiny_clip, "openai": make_openai_style_clip}
 CLIP_MEAN = torch.tensor([122.771, 116.746, 104.094], dtype=torch.float64) / 255
 CLIP_STD = torch.tensor([68.501, 66.632, 70.323], dtype=torch.float64) / 255
+# What ProxyCLIP undoes the CLIP normalisation with (baselines.md §1.5, ProxyCLIP myutils.py): OpenAI CLIP's 0–1 values.
+PROXY_CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073], dtype=torch.float64)
+PROXY_CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711], dtype=torch.float64)
 IMNET_MEAN = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)
 IMNET_STD = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)
 TOL = dict(rtol=1e-4, atol=2e-5)
@@ -226,11 +229,21 @@ def make_vfm(reg_tokens: int = 0, img_size: int = 64) -> torch.nn.Module:
     ).eval()
 
 
-def vfm_features_ref(vfm: torch.nn.Module, clip_images: torch.Tensor) -> torch.Tensor:
+def vfm_input_ref(clip_images: torch.Tensor, rule: str) -> torch.Tensor:
+    """The VFM input in float64: undo the CLIP normalisation, then ImageNet's (x − mean) / std.
+
+    ``rule="proxyclip"``: ``x·σ + μ`` with OpenAI CLIP's 0–1 constants, as ProxyCLIP does (baselines.md §1.5).
+    ``rule="exact"``: the exact inverse of the 0–255 normalisation the crop went through (CASS, cass.md §6).
+    """
+    mean, std = (PROXY_CLIP_MEAN, PROXY_CLIP_STD) if rule == "proxyclip" else (CLIP_MEAN, CLIP_STD)
+    x01 = clip_images.double() * std[:, None, None] + mean[:, None, None]
+    return (x01 - IMNET_MEAN[:, None, None]) / IMNET_STD[:, None, None]
+
+
+def vfm_features_ref(vfm: torch.nn.Module, clip_images: torch.Tensor, rule: str = "proxyclip") -> torch.Tensor:
     """Final-norm last-block patch features (B, C, H', W') of a timm ViT in float64, pos-embed by DINO's rule."""
     m = copy.deepcopy(vfm).double()
-    x01 = clip_images.double() * CLIP_STD[:, None, None] + CLIP_MEAN[:, None, None]
-    x = (x01 - IMNET_MEAN[:, None, None]) / IMNET_STD[:, None, None]
+    x = vfm_input_ref(clip_images, rule)
     t = m.patch_embed.proj(x)
     b, c, gh, gw = t.shape
     t = t.flatten(2).transpose(1, 2)
@@ -307,6 +320,37 @@ def test_proxyclip_dinov2_registers():
     got = dense(model, x, vfm, baseline="proxyclip", components=[])
     assert got.shape[1:3] == (4, 4)
     torch.testing.assert_close(got, proxy_reference(Ref(model, "open_clip"), vfm, x), **TOL)
+
+
+def test_proxyclip_vfm_input_uses_proxyclip_constants():
+    model, vfm = make_tiny_clip(), make_vfm()
+    x = 1.5 * _images()  # CLIP-normalised crops, values up to ~±6
+    with torch.no_grad(), patch_clip(model, vfm, baseline="proxyclip", components=[]) as handle:
+        runner = handle.baseline.vfm
+        assert runner is handle.vfm
+        got = runner.prepare(x, square=False)
+        feats, grid = runner.features(x)
+    assert got.dtype == torch.float32 and grid == (8, 12)
+    want = vfm_input_ref(x, "proxyclip")
+    exact = vfm_input_ref(x, "exact")
+    assert (got.double() - want).abs().max() < 1e-6  # float32 rounding of values up to ~10
+    # The rule the library used before (exact inverse of the 0–255 normalisation) is visibly different.
+    assert (got.double() - exact).abs().max() > 1e-5
+    assert (want - exact).abs().max() > 2e-5
+    # The features ProxyCLIP's graph is built from come from that input (~3e-6 here; from the old input ~2e-5).
+    torch.testing.assert_close(feats.double(), vfm_features_ref(vfm, x, "proxyclip"), rtol=0, atol=8e-6)
+
+
+def test_cass_vfm_input_keeps_the_exact_inverse():
+    model, vfm = make_tiny_clip(), make_vfm()
+    x = 1.5 * _images()
+    # A ProxyCLIP patch first: its rule must stay with its own runner, not leak into the VFM or later patches.
+    with patch_clip(model, vfm, baseline="proxyclip", components=[]):
+        pass
+    with torch.no_grad(), patch_clip(model, vfm, baseline="naclip", components=["spectral"]) as handle:
+        got = handle.spectral.vfm.prepare(x, square=False)
+    assert (got.double() - vfm_input_ref(x, "exact")).abs().max() < 1e-6
+    assert (got.double() - vfm_input_ref(x, "proxyclip")).abs().max() > 1e-5
 
 
 def _no_hooks(*models: torch.nn.Module) -> bool:
