@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("cass_out"), help="output folder (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug information (matching margins...)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the on-disk text-embedding cache (~/.cache/cass_plugins)")
     add_model_arguments(p)
     return p
 
@@ -191,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.setdefault("spectral", False)
     segmenter = Segmenter(
         clip, vfm, vocabulary=vocabulary, preset=args.preset, dataset=args.dataset, baseline=args.baseline,
-        tokenizer=tokenizer, **overrides,
+        tokenizer=tokenizer, text_cache=not args.no_cache, **overrides,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(args.images)

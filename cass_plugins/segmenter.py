@@ -96,6 +96,8 @@ class Segmenter:
         preset, dataset, baseline, components, plugins, **overrides: as :func:`~cass_plugins.patch_clip`.
         tokenizer: text tokenizer; default: open_clip's CLIP BPE tokenizer.
         device: move the models there (default: where the CLIP model is).
+        text_cache: keep text embeddings in the on-disk cache (:mod:`cass_plugins.cache`); ``False``: no caching.
+        progress: progress bar while encoding text (``None``: only on a terminal and for runs over a second).
 
     The model stays patched until :meth:`close` (or the end of a ``with`` block).
     """
@@ -113,6 +115,8 @@ class Segmenter:
         tokenizer: Any = None,
         device: str | torch.device | None = None,
         plugins: Sequence[object] = (),
+        text_cache: bool = True,
+        progress: bool | None = None,
         **overrides: Any,
     ) -> None:
         # Parse the vocabulary first: a bad one must not leave the model patched.
@@ -139,6 +143,7 @@ class Segmenter:
             raise
         self.device = next(clip_model.parameters()).device
         self.vocabulary = default_vocabulary
+        self.text_cache, self.progress = text_cache, progress
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -159,7 +164,8 @@ class Segmenter:
     def text_embeddings(self, vocabulary: Vocabulary) -> Tensor:
         """``(Q, d)`` float32 query embeddings (cached per vocabulary)."""
         with torch.no_grad():
-            return encode_text(self.model, self.tokenizer, vocabulary, device=self.device)
+            return encode_text(self.model, self.tokenizer, vocabulary, device=self.device, cache=self.text_cache,
+                               progress=self.progress)
 
     # ------------------------------------------------------------------------------------------------ images
     def preprocess(self, image: ImageSource) -> tuple[Tensor, tuple[int, int]]:

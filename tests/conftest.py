@@ -42,6 +42,13 @@ def make_tiny_vfm(seed: int = 1, patch_size: int = 8, reg_tokens: int = 0) -> to
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def _private_text_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the on-disk text-embedding cache at a fresh folder per test: never the user's ~/.cache."""
+    monkeypatch.setenv("CASS_PLUGINS_CACHE_DIR", str(tmp_path_factory.mktemp("text_cache")))
+    monkeypatch.delenv("CASS_PLUGINS_NO_CACHE", raising=False)
+
+
 @pytest.fixture
 def tiny_clip() -> torch.nn.Module:
     return make_tiny_clip()

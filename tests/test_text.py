@@ -93,7 +93,10 @@ def test_cache_encodes_once() -> None:
     assert model.calls == calls + 1 and len(cache) == 2
     encode_text(model, tok, "cat; dog", cache=None)  # no cache: always computes
     assert model.calls > calls + 1
-    other = _CountingModel()  # another model object: its own entries
+    other = _CountingModel()  # another object with the same weights: the on-disk cache is keyed by content
+    assert torch.equal(encode_text(other, tok, "cat; dog", cache=cache), first) and other.calls == 0
+    with torch.no_grad():
+        other.table[0, 0] += 1  # in place: the in-memory entry of `other` must not be served either
     encode_text(other, tok, "cat; dog", cache=cache)
     assert other.calls > 0
     cache.clear()
