@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["upsample_logits", "logits_to_labels"]
+__all__ = ["upsample_logits", "logits_to_labels", "CHUNK_ELEMENTS"]
 
 
 def _bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -43,6 +43,10 @@ def upsample_logits(
     return x if logits.dim() == 4 else x.squeeze(0)
 
 
+#: Default number of logits (queries × pixels) softmaxed at once: 2**23 float32 values = 32 MiB per temporary.
+CHUNK_ELEMENTS = 1 << 23
+
+
 def logits_to_labels(
     logits: torch.Tensor,
     query_to_class: torch.Tensor | Sequence[int],
@@ -51,6 +55,7 @@ def logits_to_labels(
     prob_thd: float = 0.0,
     area_thd: float | None = None,
     background_index: int = 0,
+    chunk_pixels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn per-query cosine logits into a label map.
 
@@ -64,6 +69,14 @@ def logits_to_labels(
     The softmax runs in float32 (float64 if the logits are float64); the reference's fp16 softmax differs only at the
     float16 rounding level.
 
+    Memory: pixels are processed in chunks, so besides the returned ``class_probs`` (``C·H·W`` values) and labels
+    (``H·W`` int64) the extra memory is a few ``Q × chunk_pixels`` temporaries (scaled logits, probabilities, class
+    maxima; 32 MiB each in float32 by default), whatever the image size. Each pixel is one softmax row, so the
+    results do not depend on the chunk size (bit-identical). Measured peak RSS beyond input and output, 150 classes,
+    float32 (``tests/test_postprocess.py::peak_extra_bytes``): 85 MB at 750×500, 86 MB at 1500×1000, 87 MB at
+    3000×2000; a single chunk (the former behaviour) needs 1.57 GB at 1500×1000, i.e. ~25 GB at 6000×4000, where
+    the input logits and the output probabilities take 14.4 GB each.
+
     Args:
         logits: ``(Q, H, W)`` cosine logits at the output size (after PAMR if used).
         query_to_class: ``(Q,)`` class index of each query; the number of classes is ``max + 1``.
@@ -71,6 +84,7 @@ def logits_to_labels(
         prob_thd: background threshold on the maximum class probability (strict ``<``).
         area_thd: SCLIP's relative-area threshold, or ``None`` to skip the rule.
         background_index: class assigned below ``prob_thd`` and excluded from the area rule (class 0 in every repo).
+        chunk_pixels: pixels per chunk; default ``CHUNK_ELEMENTS // Q`` (rounded to a multiple of 64).
 
     Returns:
         ``(labels, class_probs)``: ``int64 (H, W)`` and ``(C, H, W)``, the probabilities the decision used (after the
@@ -81,11 +95,6 @@ def logits_to_labels(
     """
     if logits.dim() != 3:
         raise ValueError(f"logits_to_labels expects logits of shape (Q, H, W), got {tuple(logits.shape)}.")
-    if not torch.isfinite(logits).all():
-        raise ValueError(
-            "The logits contain NaN or inf, so the dense features contain NaN/inf: the model probably overflowed in "
-            "fp16 or has missing / uninitialised weights."
-        )
     q2c = torch.as_tensor(query_to_class, dtype=torch.long, device=logits.device).reshape(-1)
     num_queries, height, width = logits.shape
     if q2c.numel() != num_queries:
@@ -95,28 +104,56 @@ def logits_to_labels(
     num_classes = int(q2c.max()) + 1
     if not 0 <= background_index < num_classes:
         raise ValueError(f"background_index {background_index} is outside 0..{num_classes - 1}.")
+    if chunk_pixels is None:
+        chunk_pixels = max(64, CHUNK_ELEMENTS // num_queries // 64 * 64)
+    if chunk_pixels < 1:
+        raise ValueError(f"chunk_pixels must be positive, got {chunk_pixels}.")
 
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    probs = torch.softmax(logits.to(work) * logit_scale, dim=0)
+    device = logits.device
+    identity = num_classes == num_queries and bool((q2c == torch.arange(num_queries, device=device)).all())
+    flat = logits.reshape(num_queries, -1)
+    n = flat.shape[1]
+    class_probs = torch.empty(num_classes, n, dtype=work, device=device)
+    labels = torch.empty(n, dtype=torch.long, device=device)
+    areas = torch.zeros(num_classes, dtype=torch.long, device=device)
 
-    if num_classes == num_queries and bool((q2c == torch.arange(num_queries, device=q2c.device)).all()):
-        class_probs = probs
-    else:
-        # scatter-amax avoids SCLIP's (C, Q, H, W) one-hot product; zeros as the start value are harmless (P ≥ 0).
-        flat = probs.reshape(num_queries, -1)
-        class_probs = torch.zeros(num_classes, flat.shape[1], dtype=work, device=logits.device)
-        class_probs.scatter_reduce_(0, q2c[:, None].expand_as(flat), flat, reduce="amax", include_self=True)
-        class_probs = class_probs.reshape(num_classes, height, width)
+    def decide(s: int, e: int) -> None:
+        max_prob, lab = class_probs[:, s:e].max(0)
+        labels[s:e] = torch.where(max_prob < prob_thd, torch.full_like(lab, background_index), lab)
+
+    for s in range(0, n, chunk_pixels):
+        e = min(n, s + chunk_pixels)
+        # Pixel-major (n, Q) so the softmax runs along the last dim: each pixel is one row, reduced the same way
+        # whatever the chunk's size (a dim-0 softmax vectorises across pixels and its bits depend on the layout).
+        scaled = (flat[:, s:e].t().to(work) * logit_scale).contiguous()
+        if not torch.isfinite(scaled).all():  # checked per chunk: a whole-image bool mask is Q·H·W bytes
+            raise ValueError(
+                "The logits contain NaN or inf, so the dense features contain NaN/inf: the model probably overflowed "
+                "in fp16 or has missing / uninitialised weights."
+            )
+        probs = torch.softmax(scaled, dim=1)
+        del scaled
+        if identity:
+            class_probs[:, s:e] = probs.t()
+        else:
+            # scatter-amax avoids SCLIP's (C, Q, H, W) one-hot product; zeros as the start value are harmless (P ≥ 0).
+            part = torch.zeros(e - s, num_classes, dtype=work, device=device)
+            part.scatter_reduce_(1, q2c[None, :].expand_as(probs), probs, reduce="amax", include_self=True)
+            class_probs[:, s:e] = part.t()
+        del probs
+        if area_thd is None:
+            decide(s, e)
+        else:
+            areas += torch.bincount(class_probs[:, s:e].argmax(0), minlength=num_classes)
 
     if area_thd is not None:
-        areas = torch.bincount(class_probs.argmax(0).reshape(-1), minlength=num_classes)
-        foreground = torch.ones(num_classes, dtype=torch.bool, device=logits.device)
+        foreground = torch.ones(num_classes, dtype=torch.bool, device=device)
         foreground[background_index] = False
         total = areas[foreground].sum()
         # SCLIP keeps a class only if its area is strictly above the threshold (relative to foreground pixels).
         drop = foreground & (areas.to(torch.float64) <= area_thd * total.to(torch.float64))
-        class_probs = class_probs * (~drop).to(work)[:, None, None]
-
-    max_prob, labels = class_probs.max(0)
-    labels = torch.where(max_prob < prob_thd, torch.full_like(labels, background_index), labels)
-    return labels, class_probs
+        class_probs[drop] = 0  # in place: a (C, H, W) product would double the peak
+        for s in range(0, n, chunk_pixels):
+            decide(s, min(n, s + chunk_pixels))
+    return labels.reshape(height, width), class_probs.reshape(num_classes, height, width)

@@ -142,3 +142,100 @@ def test_shape_errors():
         logits_to_labels(torch.zeros(2, 3), [0, 1])
     with pytest.raises(ValueError):
         logits_to_labels(torch.zeros(3, 2, 2), [0, 1])
+
+
+# ------------------------------------------------------------------------------------------------------ chunks
+
+
+def _bilinear_np(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """align_corners=False bilinear resize of (K, h, w), written out (half-pixel centres, edge clamping)."""
+    k, h, w = x.shape
+    out_h, out_w = size
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    y0, y1, fy = axis(h, out_h)
+    x0, x1, fx = axis(w, out_w)
+    rows = x[:, y0] * (1 - fy)[None, :, None] + x[:, y1] * fy[None, :, None]
+    return rows[:, :, x0] * (1 - fx) + rows[:, :, x1] * fx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("area_thd", [None, 0.3])
+def test_chunked_equals_single_pass_and_reference(dtype, area_thd):
+    """Upsampled grid logits → labels: every chunk size gives the same bits; both match a float64 re-computation."""
+    gen = torch.Generator().manual_seed(3)
+    grid = (torch.rand(7, 6, 9, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+    size = (37, 53)  # 1961 pixels
+    logits = upsample_logits(grid, size)
+    q2c = [0, 1, 1, 2, 3, 3, 1]  # synonyms: class 1 has three queries, class 3 two
+    kw = dict(logit_scale=40.0, prob_thd=0.5, area_thd=area_thd)
+    ref_labels, ref_probs = logits_to_labels(logits, q2c, chunk_pixels=logits[0].numel(), **kw)
+    for chunk in (64, 100, 37, 5):
+        labels, probs = logits_to_labels(logits, q2c, chunk_pixels=chunk, **kw)
+        assert torch.equal(labels, ref_labels) and torch.equal(probs, ref_probs), chunk
+
+    # independent float64 reference: resize, softmax, synonym max, area rule, threshold
+    up = _bilinear_np(grid.double().numpy(), size)
+    np.testing.assert_allclose(logits.double().numpy(), up, atol=1e-6 if dtype == torch.float32 else 1e-12)
+    p = _softmax_np(40.0 * up, axis=0)
+    cls = np.stack([p[0], p[[1, 2, 6]].max(0), p[3], p[[4, 5]].max(0)])
+    if area_thd is not None:
+        counts = np.bincount(cls.argmax(0).ravel(), minlength=4)
+        fg = counts[1:].sum()
+        for c in range(1, 4):
+            if counts[c] <= area_thd * fg:
+                cls[c] = 0
+    labels = np.where(cls.max(0) < 0.5, 0, cls.argmax(0))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(ref_probs.double().numpy(), cls, atol=tol)
+    sorted_p = np.sort(cls, axis=0)
+    clear = ((sorted_p[-1] - sorted_p[-2]) > 1e-4) & (np.abs(cls.max(0) - 0.5) > 1e-4)  # float32 near-ties aside
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(ref_labels.numpy()[clear], labels[clear])
+    assert len(np.unique(labels)) >= 2 and (labels == 0).any()  # the threshold and several classes are exercised
+    if area_thd is not None:
+        assert (counts[1:] <= area_thd * fg).any()  # the area rule dropped a class
+
+
+def test_chunk_pixels_must_be_positive():
+    with pytest.raises(ValueError, match="chunk_pixels"):
+        logits_to_labels(torch.zeros(2, 3, 3), [0, 1], chunk_pixels=0)
+
+
+_MEMORY_SCRIPT = """
+import resource, sys, torch
+from cass_plugins.postprocess import logits_to_labels
+q, h, w, chunk = (int(a) for a in sys.argv[1:5])
+torch.set_num_threads(2)
+logits = torch.empty(q, h, w).uniform_(-0.1, 0.3)
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+before = rss()
+labels, probs = logits_to_labels(logits, list(range(q)), prob_thd=0.1, chunk_pixels=chunk or None)
+output = probs.numel() * probs.element_size() + labels.numel() * labels.element_size()
+print(rss() - before - output)
+"""
+
+
+def peak_extra_bytes(queries: int, height: int, width: int, chunk_pixels: int = 0) -> int:
+    """Peak resident memory of one logits_to_labels call beyond its input and output, measured in a fresh process."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(queries), str(height), str(width),
+                           str(chunk_pixels)], capture_output=True, text=True, timeout=600, check=True)
+    return int(proc.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_peak_memory_is_bounded_by_the_chunk():
+    """150 classes: the extra memory does not grow with the image (it did: ~3 × Q × H × W values before)."""
+    small = peak_extra_bytes(150, 500, 750)
+    large = peak_extra_bytes(150, 1000, 1500)
+    one_plane = 1000 * 1500 * 4
+    assert large < 300e6 and large < 1.5 * small + 50e6, (small, large)
+    assert large < 150 * one_plane / 10  # far below one more copy of the logits
