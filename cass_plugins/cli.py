@@ -5,9 +5,11 @@ import argparse
 import ast
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
@@ -25,8 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--clip", default=DEFAULT_CLIP[0], help="open_clip model name (default: %(default)s)")
     g.add_argument(
         "--pretrained", default=DEFAULT_CLIP[1],
-        help="open_clip pretrained tag (e.g. openai) or a local checkpoint file; 'random' for random weights "
-        "(default: %(default)s)",
+        help="open_clip pretrained tag (e.g. openai) or a local state-dict file (.pth/.bin/.safetensors); "
+        "'random' for random weights (default: %(default)s)",
     )
     g.add_argument("--vfm", default=DEFAULT_VFM, help="timm VFM name; 'none' disables spectral distillation "
                    "(default: %(default)s)")
@@ -40,6 +42,9 @@ def models_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """``(clip_model, tokenizer, vfm_or_None)`` from the shared flags."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was requested but no CUDA device is available; use --device cpu")
+    if args.precision == "fp16" and str(args.device).startswith("cpu"):
+        log.warning("--precision fp16 on CPU is slower than fp32 (CPUs lack fast half-precision kernels); "
+                    "use fp32 on CPU")
     clip, tokenizer = load_clip(args.clip, args.pretrained, device=args.device, precision=args.precision)
     vfm = None
     if args.vfm and args.vfm.lower() != "none":
@@ -80,8 +85,15 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without the multi-line usage dump on an error: the message and where to read more."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(run {self.prog} --help for the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cass-segment",
         description=(
             "Training-free open-vocabulary segmentation of images with CASS (or another baseline). For every image "
@@ -99,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
             "hyper-parameters: --preset picks the method, --dataset that preset's values for a benchmark (e.g. voc21:\n"
             "  whole-image mode and a background threshold), --set KEY=VALUE overrides any key; --print-config\n"
             "  shows the result.\n"
-            "offline: pass checkpoint files, e.g. --pretrained ViT-B-16.pt --vfm-weights dino_vitbase8_pretrain.pth\n"
-            "  ('random' for both gives a meaningless but complete smoke test)."
+            "offline: pass state-dict files, e.g. --pretrained vit_b16_openai.pth --vfm-weights\n"
+            "  dino_vitbase8_pretrain.pth ('random' for both gives a meaningless but complete dry run).\n"
+            "exit status: 0 all written, 1 a runtime failure (or some images failed), 2 a usage error."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -120,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("cass_out"), help="output folder (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug information (matching margins...)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    p.add_argument("--keep-going", action=argparse.BooleanOptionalAction, default=True,
+                   help="report an image that fails and go on with the others (exit status 1 at the end); "
+                   "--no-keep-going stops at the first (default: on)")
     p.add_argument("--no-cache", action="store_true",
                    help="do not read or write the on-disk text-embedding cache (~/.cache/cass_plugins)")
     add_model_arguments(p)
@@ -148,13 +165,94 @@ def resolve_cli_config(args: argparse.Namespace, overrides: dict[str, Any]) -> C
     return config
 
 
+class _CliError(Exception):
+    """A user-facing failure: printed as one ``error:`` line, exit status ``code`` (2 usage, 1 runtime)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``cass-segment``: 0 when every image was written, 1 when some failed (``--keep-going``).
+
+    Errors print one ``error:`` line to stderr and exit with status 2 (usage: arguments, paths, vocabulary,
+    checkpoint files) or 1 (runtime: weights unavailable, a failing model); ``--debug`` shows the traceback instead.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(parser, args)
+    except _CliError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.code) from None
+    except Exception as err:  # anything unforeseen: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"error: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _cli_vocabulary_message(err: Exception) -> str:
+    # The Vocabulary error names an API keyword (allow_duplicates) that has no flag; say what works on the CLI.
+    text = re.sub(r"\s*\(or pass allow_duplicates=True[^)]*\)", "", str(err))
+    if "duplicate class name" in text:
+        text += " (each name may appear once in --classes / the classes file: delete or rename the repeat)"
+    return text
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the output folder, or say why it cannot be used, before any model is loaded."""
+    if out.exists() and not out.is_dir():
+        raise _CliError(f"--out {out} is an existing file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _CliError(f"cannot create the --out folder {out}: {err.strerror or err}") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise _CliError(f"--out {out} is not writable")
+
+
+def _weights_record(value: str | None) -> dict[str, str | None]:
+    """A pretrained tag as is; a local file by name and SHA-256 (which exact weights made these outputs)."""
+    from .loading import file_sha256
+
+    if value is not None and Path(value).expanduser().is_file():
+        path = Path(value).expanduser()
+        return {"file": path.name, "sha256": file_sha256(path)}
+    return {"tag": value}
+
+
+def _write_staged(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Write every file under a temporary name in ``out``, then rename them all: no partial set on failure."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, write in writers.items():
+            tmp = out / f".{name}.{os.getpid()}.tmp"
+            staged.append((tmp, out / name))
+            write(tmp)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)  # atomic on one file system, which the same folder guarantees
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from . import __version__
     from .image import load_image
+    from .loading import CheckpointError
     from .segmenter import Segmenter, _parse_vocabulary
     from .visualize import legend_overlay, save_label_map
     from .vocabulary import Vocabulary
@@ -162,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.set)
     except ValueError as err:
-        raise SystemExit(f"error: {err} (put the image files before --set, or end the --set list with --)")
+        raise _CliError(f"{err} (put the image files before --set, or end the --set list with --)") from err
     if args.print_config:
         try:
             print(resolve_cli_config(args, overrides).describe())
@@ -181,44 +279,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             vocabulary = Vocabulary.builtin(args.dataset_classes)
     except (ValueError, OSError) as err:
-        parser.error(f"bad vocabulary: {err}")
+        raise _CliError(f"bad vocabulary: {_cli_vocabulary_message(err)}") from err
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
-        raise SystemExit(f"error: image file(s) not found: {', '.join(missing)}")
+        raise _CliError(f"image file(s) not found: {', '.join(missing)}")
+    _prepare_out(args.out)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise _CliError("--device cuda was requested but no CUDA device is available; use --device cpu")
     try:
         clip, tokenizer, vfm = models_from_args(args)
-    except (WeightsUnavailableError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
+    except WeightsUnavailableError as err:
+        raise _CliError(str(err), code=1) from err
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        raise _CliError(str(err)) from err
     if vfm is None:
         overrides.setdefault("spectral", False)
-    segmenter = Segmenter(
-        clip, vfm, vocabulary=vocabulary, preset=args.preset, dataset=args.dataset, baseline=args.baseline,
-        tokenizer=tokenizer, text_cache=not args.no_cache, **overrides,
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        segmenter = Segmenter(
+            clip, vfm, vocabulary=vocabulary, preset=args.preset, dataset=args.dataset, baseline=args.baseline,
+            tokenizer=tokenizer, text_cache=not args.no_cache, **overrides,
+        )
+    except (ValueError, TypeError) as err:  # configuration values the Segmenter rejects
+        raise _CliError(str(err)) from err
+    provenance = {
+        "models": {"clip": args.clip, "pretrained": _weights_record(args.pretrained),
+                   "vfm": args.vfm, "vfm_weights": _weights_record(args.vfm_weights)},
+        "versions": {"cass_plugins": __version__, "torch": torch.__version__},
+        "device": str(args.device),
+        "precision": args.precision,
+    }
     stems = _unique_stems(args.images)
+    failed: list[str] = []
     with segmenter:
         for path, stem in tqdm(list(zip(args.images, stems)), desc="segmenting", unit="img",
                                disable=len(args.images) < 2):
             try:
                 result = segmenter.segment(path)
-            except (ValueError, FileNotFoundError) as err:  # unreadable image: say which, without a traceback
-                raise SystemExit(f"error: {path}: {err}") from err
-            areas = result.class_areas()
-            legend_overlay(load_image(path), result.labels, vocabulary.class_names, areas, alpha=args.alpha).save(
-                args.out / f"{stem}_overlay.png"
-            )
-            save_label_map(args.out / f"{stem}_labels.png", result.labels)
-            summary = {
-                "image": str(path),
-                "size": list(result.labels.shape),
-                "classes": list(vocabulary.class_names),
-                "synonyms": [list(c) for c in vocabulary.classes],
-                "areas": areas,
-                "config": segmenter.config.to_dict(),
-            }
-            (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"wrote {3 * len(args.images)} files to {args.out}")
+                areas = result.class_areas()
+                summary = {
+                    "image": str(path),
+                    "size": list(result.labels.shape),
+                    "classes": list(vocabulary.class_names),
+                    "synonyms": [list(c) for c in vocabulary.classes],
+                    "areas": areas,
+                    "config": segmenter.config.to_dict(),
+                    **provenance,
+                }
+                overlay = legend_overlay(load_image(path), result.labels, vocabulary.class_names, areas,
+                                         alpha=args.alpha)
+                _write_staged(args.out, {
+                    f"{stem}_overlay.png": lambda p: overlay.save(p, format="PNG"),
+                    f"{stem}_labels.png": lambda p: save_label_map(p, result.labels),
+                    f"{stem}.json": lambda p: p.write_text(json.dumps(summary, indent=2, default=str)),
+                })
+            except Exception as err:  # one bad image must not cost the others (--keep-going)
+                if args.debug:
+                    raise
+                message = str(err) if isinstance(err, (ValueError, FileNotFoundError)) else _one_line(err)
+                message = message if str(path) in message else f"{path}: {message}"
+                if not args.keep_going:
+                    raise _CliError(message, code=1) from err
+                print(f"error: {message} (skipped)", file=sys.stderr)
+                failed.append(str(path))
+    written = len(args.images) - len(failed)
+    print(f"wrote {3 * written} files to {args.out}")
+    if failed:
+        print(f"error: {len(failed)} of {len(args.images)} images failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

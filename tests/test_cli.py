@@ -157,18 +157,142 @@ def test_clean_errors(tiny_models, tmp_path, capsys):
         ([str(tmp_path / "ok.png")], "give the classes"),
         (["--classes", "cat", "--set", "gamma=0.1", str(tmp_path / "ok.png")], "put the image files before --set"),
         (["--classes", "cat"], "at least one image"),
-        (["--classes", "cat", "--out", str(tmp_path / "o"), *tiny_models, str(tmp_path / "bad.png")],
-         "bad.png is not an image"),
         (["--classes", "cat", "--clip", "ViT-B-16", "--pretrained", str(tmp_path / "no.pt"),
           str(tmp_path / "ok.png")], "checkpoint file not found"),
+        (["--classes", "cat", "--out", str(tmp_path / "ok.png"), str(tmp_path / "ok.png")],
+         "is an existing file; give a folder"),
+        (["--classes", "cat", "--out", str(tmp_path / "ok.png" / "sub"), str(tmp_path / "ok.png")],
+         "cannot create the --out folder"),
+        (["--classes", "cat", "--clip", "RN50", str(tmp_path / "ok.png")], "a ViT is required"),
     ]
+    _register_tiny_clip()
     for argv, message in cases:
         with pytest.raises(SystemExit) as info:
             cli.main(argv)
-        assert info.value.code != 0
-        text = str(info.value.code) + capsys.readouterr().err
+        assert info.value.code == 2, (argv, info.value.code)  # usage errors
+        text = capsys.readouterr().err
         assert message in text, (argv, text)
-        assert "Traceback" not in text
+        assert "Traceback" not in text and len(text.strip().splitlines()) <= 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "ok.png"]  # nothing written, no folder made
+
+
+def test_duplicate_class_message_names_what_the_cli_user_can_do(tmp_path, capsys):
+    Image.fromarray(data.chelsea()).save(tmp_path / "ok.png")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--classes", "cat; dog; cat", str(tmp_path / "ok.png")])
+    assert info.value.code == 2
+    text = capsys.readouterr().err
+    assert "duplicate class name 'cat'" in text and "delete or rename the repeat" in text
+    assert "allow_duplicates" not in text
+
+
+def test_bad_image_among_many_is_skipped(tiny_models, tmp_path, capsys):
+    Image.fromarray(data.chelsea()[::4, ::4]).save(tmp_path / "a.png")
+    Image.fromarray(data.astronaut()[::4, ::4]).save(tmp_path / "c.png")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    images = [str(tmp_path / n) for n in ("a.png", "b.png", "c.png")]
+    assert cli.main(["--classes", "cat; sky", "--out", str(out), *tiny_models, *images]) == 1
+    captured = capsys.readouterr()
+    assert "b.png is not an image" in captured.err and "1 of 3 images failed" in captured.err
+    assert "Traceback" not in captured.err and "wrote 6 files" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{s}{x}" for s in "ac" for x in ("_overlay.png", "_labels.png", ".json"))
+    # --no-keep-going: stops at the bad image, exit status 1, nothing after it
+    out2 = tmp_path / "out2"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--classes", "cat; sky", "--no-keep-going", "--out", str(out2), *tiny_models,
+                  images[1], images[0]])
+    assert info.value.code == 1
+    assert "b.png is not an image" in capsys.readouterr().err
+    assert list(out2.iterdir()) == []
+
+
+def test_failed_write_leaves_no_partial_set_and_debug_shows_traceback(tiny_models, tmp_path, capsys, monkeypatch):
+    import cass_plugins.visualize as visualize
+
+    Image.fromarray(data.chelsea()[::4, ::4]).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+
+    def broken(path, labels):
+        Path(path).write_bytes(b"half")  # a half-written file, then the failure
+        raise OSError("disk full")
+
+    monkeypatch.setattr(visualize, "save_label_map", broken)
+    argv = ["--classes", "cat; sky", "--out", str(out), *tiny_models[:-1], "--", str(tmp_path / "a.png")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "OSError: disk full" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []  # neither the overlay written before nor the temporary files remain
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(["--debug", "--no-keep-going", *argv])
+
+
+def test_runtime_error_is_one_line_exit_1(tiny_models, tmp_path, capsys, monkeypatch):
+    from cass_plugins.loading import WeightsUnavailableError
+
+    def offline(*a, **k):
+        raise WeightsUnavailableError("could not obtain open_clip weights;\noffline? pass local files")
+
+    monkeypatch.setattr(cli, "load_clip", offline)
+    Image.fromarray(data.chelsea()[::4, ::4]).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--classes", "cat", "--out", str(tmp_path / "o"), str(tmp_path / "a.png")])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "could not obtain" in err and "Traceback" not in err and len(err.strip().splitlines()) == 2
+
+
+def test_fp16_on_cpu_warns(tiny_models, tmp_path, caplog):
+    Image.fromarray(data.chelsea()[::4, ::4]).save(tmp_path / "a.png")
+    monkey_argv = ["--classes", "cat; sky", "--out", str(tmp_path / "o"), "--precision", "fp16", *tiny_models,
+                   str(tmp_path / "a.png")]
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        try:
+            cli.main(monkey_argv)
+        except SystemExit:
+            pass  # fp16 CPU kernels may be missing; the warning comes before any model runs
+    assert "slower than fp32" in caplog.text
+
+
+def test_json_records_models_checkpoints_and_versions(tiny_models, tmp_path):
+    import hashlib
+
+    Image.fromarray(data.chelsea()[::4, ::4]).save(tmp_path / "a.png")
+    clip_file = tmp_path / "clip.pth"
+    torch.save(make_tiny_clip(seed=5).state_dict(), clip_file)
+    argv = ["--classes", "cat; sky", "--out", str(tmp_path / "o"), *tiny_models[:-1], "--pretrained",
+            str(clip_file), "--", str(tmp_path / "a.png")]
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert summary["models"]["clip"] == TINY_CLIP
+    assert summary["models"]["pretrained"] == {
+        "file": "clip.pth", "sha256": hashlib.sha256(clip_file.read_bytes()).hexdigest()}
+    assert summary["models"]["vfm_weights"] == {"tag": "random"}
+    assert summary["versions"]["torch"] == torch.__version__ and summary["versions"]["cass_plugins"] == "0.1.0"
+    assert summary["device"] == "cpu" and summary["precision"] == "fp32"
+
+
+def test_dino_checkpoint_as_pretrained_is_a_usage_error(tmp_path, capsys):
+    _register_tiny_clip()
+    Image.fromarray(data.chelsea()[::4, ::4]).save(tmp_path / "a.png")
+    dino = tmp_path / "dino_vitbase8_pretrain.pth"
+    torch.save(make_tiny_vfm().state_dict(), dino)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--classes", "cat", "--clip", TINY_CLIP, "--pretrained", str(dino), "--out", str(tmp_path / "o"),
+                  str(tmp_path / "a.png")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "looks like a timm/DINO ViT checkpoint; pass it as --vfm-weights" in err and "Traceback" not in err
+
+
+def test_help_does_not_recommend_torchscript(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert ".pt " not in text and ".pt\n" not in text and "--vfm-weights" in text and "random" in text
 
 
 # ------------------------------------------------------------------------------------------------ full size
