@@ -43,7 +43,7 @@ _WIDTH_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "hu
 _CLIP_WIDTH_NAMES = {768: "B", 1024: "L", 1280: "H"}
 
 OFFLINE_HINT = (
-    "offline? pass local files: --pretrained FILE (an open_clip state dict) and --vfm-weights FILE "
+    "offline? pass local state-dict files: --pretrained /path/to/checkpoint and --vfm-weights /path/to/file "
     "(e.g. dino_vitbase8_pretrain.pth), or 'random' for both for a meaningless dry run"
 )
 
@@ -333,7 +333,7 @@ def load_clip(
                 model = open_clip.create_model(name, pretrained=tag, **kwargs)
         except Exception as err:  # network errors come from several libraries (urllib, requests, huggingface_hub)
             raise WeightsUnavailableError(
-                f"could not obtain open_clip weights {name}/{tag} ({_one_line(err)});\n{OFFLINE_HINT} "
+                f"could not obtain open_clip weights {name}/{tag} ({_one_line(err)}); {OFFLINE_HINT} "
                 f"(open_clip.create_model({name!r}, pretrained={tag!r}) caches the file under ~/.cache/huggingface)"
             ) from err
     return model.eval(), open_clip.get_tokenizer(name)
@@ -384,7 +384,7 @@ def load_vfm(
                 model = timm.create_model(name, pretrained=True, num_classes=0)
         except Exception as err:
             raise WeightsUnavailableError(
-                f"could not obtain timm weights for {name} ({_one_line(err)});\n{OFFLINE_HINT} "
+                f"could not obtain timm weights for {name} ({_one_line(err)}); {OFFLINE_HINT} "
                 f"(timm.create_model({name!r}, pretrained=True) caches them under ~/.cache/huggingface)"
             ) from err
     else:

@@ -171,3 +171,19 @@ def test_clip_checkpoint_of_another_size(tmp_path):
     torch.save(open_clip.create_model("cass-tiny-p8", pretrained=None).state_dict(), path)
     with pytest.raises(CheckpointError, match=f"does not fit --clip {GELU_NAME}: the file has patch 8, width 64"):
         load_clip(GELU_NAME, path)
+
+
+def test_offline_error_names_both_flags_and_random(monkeypatch):
+    import open_clip
+
+    def no_network(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(open_clip, "create_model", no_network)
+    from cass_plugins.loading import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_clip("ViT-B-16", "openai")
+    text = str(info.value)
+    assert "--pretrained /path/to/checkpoint" in text and "--vfm-weights /path/to/file" in text
+    assert "'random'" in text and ".pt " not in text
