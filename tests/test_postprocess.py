@@ -238,4 +238,6 @@ def test_peak_memory_is_bounded_by_the_chunk():
     large = peak_extra_bytes(150, 1000, 1500)
     one_plane = 1000 * 1500 * 4
     assert large < 300e6 and large < 1.5 * small + 50e6, (small, large)
-    assert large < 150 * one_plane / 10  # far below one more copy of the logits
+    assert large < 150 * one_plane / 5  # far below one more copy of the logits (900 MB)
+    single = peak_extra_bytes(150, 1000, 1500, chunk_pixels=10**9)  # one chunk: the former whole-image path
+    assert single > 5 * large, (single, large)
