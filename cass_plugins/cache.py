@@ -10,11 +10,13 @@ Location: ``$CASS_PLUGINS_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/cass_plugin
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import types
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +25,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["cache_dir", "cache_disabled_by_env", "text_tower_hash", "tokenizer_hash", "DiskTextCache"]
+__all__ = [
+    "cache_dir", "cache_disabled_by_env", "text_tower_hash", "text_tower_version", "tokenizer_hash", "DiskTextCache",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,13 @@ def _fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), str(t.device)) for t in tensors)
 
 
+def text_tower_version(model: Any) -> tuple | None:
+    """Cheap token that changes whenever a text-side tensor is replaced or updated in place (``None``: no module)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return _fingerprint(t for _, t in _text_side(model)[0])
+
+
 _TOWER_HASHES: weakref.WeakKeyDictionary[Any, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
@@ -116,6 +127,16 @@ def text_tower_hash(model: Any) -> str | None:
 _TOKENIZER_HASHES: dict[int, tuple[Any, str]] = {}
 
 
+def _callable_name(obj: Any) -> str:
+    # Stable across processes (no addresses): module + qualified name of the function or of the class.
+    if isinstance(obj, functools.partial):
+        return f"partial({_callable_name(obj.func)}, {obj.args!r}, {sorted(obj.keywords.items())!r})"
+    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def tokenizer_hash(tokenizer: Any) -> str:
     """Identity of a tokenizer: class name, context length and (when exposed) a hash of its vocabulary.
 
@@ -125,12 +146,8 @@ def tokenizer_hash(tokenizer: Any) -> str:
     memo = _TOKENIZER_HASHES.get(id(tokenizer))
     if memo is not None and memo[0] is tokenizer:  # the object is held in the memo: its id cannot be reused
         return memo[1]
-    kind = type(tokenizer)
-    if kind.__name__ in ("function", "builtin_function_or_method", "partial"):
-        name = repr(tokenizer) if kind.__name__ == "partial" else f"{tokenizer.__module__}.{tokenizer.__qualname__}"
-    else:
-        name = f"{kind.__module__}.{kind.__qualname__}"
-    parts: dict[str, Any] = {"class": name, "context_length": getattr(tokenizer, "context_length", None)}
+    parts: dict[str, Any] = {"class": _callable_name(tokenizer),
+                             "context_length": getattr(tokenizer, "context_length", None)}
     vocab: Mapping[str, int] | None = getattr(tokenizer, "encoder", None)
     inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
     if vocab is None and inner is not None and hasattr(inner, "get_vocab"):

@@ -20,7 +20,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from cass_plugins.cache import DiskTextCache, cache_disabled_by_env, make_key, text_tower_hash, tokenizer_hash
+from cass_plugins.cache import (
+    DiskTextCache, cache_disabled_by_env, make_key, text_tower_hash, text_tower_version, tokenizer_hash,
+)
 from cass_plugins.templates import IMAGENET_TEMPLATES
 from cass_plugins.vocabulary import Vocabulary
 
@@ -30,9 +32,10 @@ __all__ = [
 
 Precision = Literal["float32", "model"]
 
-# Prompts per encode_text call. On a 2-core CPU (ViT-B/16 text tower) batches of 32-256 run at about the same
-# speed, 1.6x per-prompt calls (docs/benchmarks.md, "Text embeddings"); on a GPU larger batches win.
-DEFAULT_BATCH_SIZE = 64
+# Prompts per encode_text call. On a 2-core CPU (ViT-B/16 text tower) every batch of 32 or more runs at the same
+# speed within noise, ~9x one-prompt calls (docs/benchmarks.md, "Text embeddings"); GPUs gain from large batches,
+# and 256 keeps results bit-identical to earlier versions, which used it too.
+DEFAULT_BATCH_SIZE = 256
 
 
 @functools.lru_cache(maxsize=8)
@@ -59,7 +62,7 @@ class TextEmbeddingCache:
 
     Models are held weakly (a dropped model frees its entries); the tokenizer is held strongly so that its
     ``id`` in the key cannot be reused by another object. Entries are kept per model in LRU order.
-    :func:`encode_text` passes a ``version`` (storage addresses and version counters of the model's tensors),
+    :func:`encode_text` passes a ``version`` (storage addresses and version counters of the text-side tensors),
     so in-place weight updates through torch ops miss the cache; call :meth:`clear` after other kinds of edits.
 
     Args:
@@ -151,13 +154,6 @@ def _has_low_precision_weights(model: Any) -> bool:
         return False
     tensors = list(model.parameters()) + list(model.buffers())
     return any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
-
-
-def _weights_version(model: Any) -> Hashable:
-    # Changes whenever a tensor of the model is replaced or updated in place (see TextEmbeddingCache).
-    if not isinstance(model, torch.nn.Module):
-        return None
-    return tuple((t.data_ptr(), t._version) for t in [*model.parameters(), *model.buffers()])
 
 
 def _stderr_is_terminal() -> bool:
@@ -300,7 +296,7 @@ def encode_text(
     device = torch.device(device) if device is not None else _module_device(model)
 
     memory = DEFAULT_TEXT_CACHE if cache is True else cache if isinstance(cache, TextEmbeddingCache) else None
-    version = _weights_version(model)
+    version = text_tower_version(model)  # in-place weight updates must not hit stale entries
     if memory is not None:
         hit = memory.get(model, tokenizer, queries, templates, precision, version)
         if hit is not None:

@@ -299,3 +299,15 @@ def test_cli_no_cache_flag() -> None:
 
     assert build_parser().parse_args(["img.png", "--no-cache"]).no_cache is True
     assert build_parser().parse_args(["img.png"]).no_cache is False
+
+
+def test_tokenizer_identity_of_functions() -> None:
+    import functools
+
+    import open_clip
+
+    name = cache_module._callable_name
+    assert name(open_clip.tokenize) == "open_clip.tokenizer.tokenize"
+    short = functools.partial(open_clip.tokenize, context_length=32)
+    assert "0x" not in name(short) and "context_length" in name(short)  # no address: same key in every process
+    assert tokenizer_hash(short) != tokenizer_hash(open_clip.tokenize)
