@@ -1,35 +1,19 @@
-"""Baseline adapters: each baseline's last block as a plugin (baselines.md §1).
+"""Built-in baselines and CDAM as plugins (installed as ``cass_plugins.adapters``; docs/baselines.md, docs/cdam.md).
 
-Importing this package registers the built-in baselines in :data:`cass_plugins.plugins.REGISTRY` and each
-baseline's own protocol defaults as presets (``sclip``, ``naclip``, ``clearclip``, ``clearclip-shipped``,
-``proxyclip``, ``vanilla``, ``maskclip``, ``maskclip-original``), with per-dataset values (baselines.md §3) and the
-CASS components switched off.
+One module per method, each with its settings class and presets beside it, registered through its own
+``cass_register`` hook when the registry loads (:data:`cass_plugins.core.registry.BUILTIN_PLUGINS`); importing
+this package registers nothing. Baselines: ``naclip``, ``sclip``, ``clearclip``, ``vanilla``, ``maskclip``,
+``proxyclip``; component: ``cdam``.
 """
-from cass_plugins.plugins import REGISTRY
-from cass_plugins.presets import register_preset
+from .clearclip import ClearCLIP, ClearCLIPSettings
+from .naclip import NACLIP, NACLIPSettings
+from .proxyclip import ProxyCLIP, ProxyCLIPSettings, proxy_graph
+from .sclip import SCLIP, SCLIPSettings
+from .vanilla import MaskCLIP, MaskCLIPSettings, Vanilla, VanillaSettings
 
-from . import clearclip, naclip, proxyclip, sclip, vanilla
-from .base import STRATEGIES, Baseline
-from .clearclip import ClearCLIP
-from .naclip import NACLIP
-from .proxyclip import ProxyCLIP, proxy_graph
-from .sclip import SCLIP
-from .vanilla import MaskCLIP, Vanilla
-
-BASELINES: dict[str, type[Baseline]] = {
-    cls.name: cls for cls in (NACLIP, SCLIP, ClearCLIP, ProxyCLIP, Vanilla, MaskCLIP)
-}
-for _name, _cls in BASELINES.items():
-    REGISTRY.add_baseline(_name, _cls)
-
-#: preset name -> (values, per-dataset values) of every baseline.
-BASELINE_PRESETS = {}
-for _module in (vanilla, sclip, naclip, clearclip, proxyclip):
-    BASELINE_PRESETS.update(_module.PRESETS)
-for _name, (_values, _datasets) in BASELINE_PRESETS.items():
-    register_preset(_name, _values, _datasets)
+BASELINES = {cls.name: cls for cls in (NACLIP, SCLIP, ClearCLIP, ProxyCLIP, Vanilla, MaskCLIP)}
 
 __all__ = [
-    "Baseline", "STRATEGIES", "NACLIP", "SCLIP", "ClearCLIP", "ProxyCLIP", "Vanilla", "MaskCLIP", "proxy_graph",
-    "BASELINES", "BASELINE_PRESETS",
+    "NACLIP", "SCLIP", "ClearCLIP", "ProxyCLIP", "Vanilla", "MaskCLIP", "NACLIPSettings", "SCLIPSettings",
+    "ClearCLIPSettings", "ProxyCLIPSettings", "VanillaSettings", "MaskCLIPSettings", "proxy_graph", "BASELINES",
 ]

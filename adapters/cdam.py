@@ -6,46 +6,88 @@ multi-scale) and runs the last block a second time on the same input with that a
 (residual and FFN kept, as the authors do). The pass-2 patch tokens replace the baseline's. Per image, the
 entropy of the window logits gives the background threshold that post-processing applies.
 
-Section numbers (§n) refer to ``shared/spec/cdam.md``; the math is in :mod:`cass_plugins.cdam`. Every component
-of the paper's ablation is a :class:`~cass_plugins.presets.Config` toggle (``cdam``, ``cdam_multiscale``,
-``cdam_atp``, ``cdam_entropy_threshold``), so each ablation row is a set of overrides (:data:`CDAM_ABLATION`).
+Section numbers (§n) refer to docs/spec/cdam.md (the authors' repository, ``CDAM/cdam_segmentor.py``, and the
+paper, Kang et al. ICLR 2025); the math is in :mod:`cass_plugins.adapters.cdam_math`. The component is ``cdam``;
+every part of the paper's ablation is a setting of its section (``cdam.multiscale``, ``cdam.atp``,
+``cdam.entropy_threshold``), so each ablation row is a set of overrides (:data:`CDAM_ABLATION`).
 
 Usage::
 
     seg = Segmenter(clip, preset="cdam-sclip", dataset="voc21", vocabulary=cdam_vocabulary("voc21"))
     # or, without the Segmenter:
-    handle = patch_clip(clip, preset="sclip", plugins=[cdam := CDAM()])
-    cdam.set_vocabulary(clip, ["background", "cat", "dog"])
+    handle = patch_clip(clip, preset="sclip", components=["cdam"])
+    handle.components["cdam"].set_vocabulary(clip, ["background", "cat", "dog"])
     features = encode_dense(clip, crops).features          # pass-2 features
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cass_plugins import cdam as cm
-from cass_plugins.plugins import REGISTRY, BlockContext, ImageContext, LogitsContext, hookimpl
-from cass_plugins.presets import Config, register_preset
-from cass_plugins.vocabulary import Vocabulary
+from cass_plugins.core.hookspecs import BlockContext, ImageContext, LogitsContext, hookimpl
+from cass_plugins.core.registry import ComponentSpec, Preset, Registry
+from cass_plugins.core.settings import Settings, SettingError, setting
+from cass_plugins.pipeline.vocabulary import Vocabulary
 
-from .clearclip import ClearCLIP
-from .sclip import SCLIP
-from .vanilla import MaskCLIP
+from . import cdam_math as cm
 
 __all__ = [
-    "CDAM", "CDAM_ABLATION", "CDAM_PRESETS", "CDAM_DATASETS", "CDAM_BASELINES", "atp_vocabulary", "cdam_vocabulary",
+    "CDAM", "CDAMConfig", "CDAM_ABLATION", "CDAM_PRESETS", "CDAM_DATASETS", "CDAM_BASELINES", "atp_vocabulary",
+    "cdam_vocabulary", "cass_register",
 ]
+
+
+def _scales(value: tuple[float, ...]) -> str | None:
+    return None if value and all(0.0 < m <= 1.0 for m in value) else "give one or more scales in (0, 1]"
+
+
+@dataclass(frozen=True)
+class CDAMConfig(Settings):
+    """CDAM's settings; the defaults are the authors' repository (docs/spec/cdam.md §15 lists the paper's)."""
+
+    multiscale: bool = setting(True, doc="mean over scales; False: the full-resolution map only")
+    scales: tuple[float, ...] = setting(cm.CDAM_SCALES, check=_scales, doc="scales of the multi-scale map (§7)")
+    atp: bool = setting(True, doc="the 80 augmented prompts join the class distributions (§13), never the logits")
+    entropy_threshold: bool = setting(True, doc="the entropy-based background threshold replaces prob_thd (§10)")
+    class_temperature: float = setting(
+        cm.CLASS_TEMPERATURE, range=(0.0, None), exclusive=True, doc="τ of softmax_C(S0 / τ) (§4)"
+    )
+    attention_temperature: float = setting(
+        cm.ATTENTION_TEMPERATURE, range=(0.0, None), exclusive=True, doc="P of the row softmax of 1 − JSD (§6)"
+    )
+    minmax: bool = setting(True, doc="row min-max before and after the softmax (§6)")
+    multiscale_order: str = setting(
+        "upsample_divergence", choices=("upsample_divergence", "upsample_attention"),
+        doc="repo: upsample the divergence; the paper's Eq. 3: upsample the attention (§15.3)",
+    )
+    row_normalize: bool = setting(False, doc="divide each CDAM row by its sum (§15.6; the repo does not)")
+    pass2_arch: str = setting(
+        "vanilla", choices=("vanilla", "reduced"), doc="pass 2 keeps residual + FFN (repo) or the attention only"
+    )
+    entropy_scale: float = setting(
+        cm.ENTROPY_SCALE, range=(0.0, None), exclusive=True, doc="softmax scale before the entropy (repo 50)"
+    )
+    entropy_log_base: float = setting(cm.ENTROPY_LOG_BASE, range=(1.0, None), exclusive=True, doc="2: bits (repo)")
+    alpha: float = setting(cm.ENTROPY_ALPHA, range=(0.0, None), doc="α of thr = default_threshold · α / H_center")
+    default_threshold: float = setting(cm.DEFAULT_THRESHOLD, range=(0.0, 1.0), doc="Thr_default")
+    threshold_granularity: str = setting(
+        "last_window", choices=("last_window", "image"),
+        doc="repo: the raster-last window's threshold; 'image': min/max entropy over all windows (the paper)",
+    )
+    max_chunk_elements: int = setting(1 << 24, range=(1, None), doc="memory budget of one JSD temporary")
 
 
 class CDAM:
     """CDAM as a pluggy component: wraps the baseline's ``cass_block_output`` and adds a second pass.
 
-    Args:
+    Built from a :class:`CDAMConfig` (the registry does ``CDAM(settings, runtime)``) or keywords of its fields:
+
         multiscale: average the maps of ``scales`` (§7); False: the full-resolution map only (``scales=(1.0,)``).
         scales: scales in (0, 1]; 1.0 is the full-resolution map.
         atp: the 80 augmented prompts join the class distributions (§13). They never enter the logits.
@@ -64,84 +106,26 @@ class CDAM:
         default_threshold: Thr_default.
         threshold_granularity: ``"last_window"`` (repo: the raster-last sliding window's threshold for the whole
             image) or ``"image"`` (min/max entropy over all windows of the image, the paper).
-        max_chunk_elements: memory budget of one JSD temporary (see :func:`cass_plugins.cdam.pairwise_jsd`).
+        max_chunk_elements: memory budget of one JSD temporary (see :func:`cass_plugins.adapters.cdam_math.pairwise_jsd`).
 
     The text side comes from :meth:`set_text` / :meth:`set_vocabulary`, or, inside a
-    :class:`~cass_plugins.segmenter.Segmenter`, from the ``cass_begin_image`` hook for every image.
+    :class:`~cass_plugins.pipeline.segmenter.Segmenter`, from the ``cass_begin_image`` hook for every image.
     """
 
     name = "cdam"
 
-    def __init__(
-        self,
-        *,
-        multiscale: bool = True,
-        scales: Sequence[float] = cm.CDAM_SCALES,
-        atp: bool = True,
-        entropy_threshold: bool = True,
-        class_temperature: float = cm.CLASS_TEMPERATURE,
-        attention_temperature: float = cm.ATTENTION_TEMPERATURE,
-        minmax: bool = True,
-        multiscale_order: cm.MultiscaleOrder = "upsample_divergence",
-        row_normalize: bool = False,
-        pass2_arch: str = "vanilla",
-        entropy_scale: float = cm.ENTROPY_SCALE,
-        entropy_log_base: float = cm.ENTROPY_LOG_BASE,
-        alpha: float = cm.ENTROPY_ALPHA,
-        default_threshold: float = cm.DEFAULT_THRESHOLD,
-        threshold_granularity: str = "last_window",
-        max_chunk_elements: int = 1 << 24,
-    ) -> None:
-        if pass2_arch not in ("vanilla", "reduced"):
-            raise ValueError(f"pass2_arch={pass2_arch!r}: use 'vanilla' (residual + FFN, repo) or 'reduced'")
-        if threshold_granularity not in ("last_window", "image"):
-            raise ValueError(f"threshold_granularity={threshold_granularity!r}: use 'last_window' or 'image'")
-        if multiscale_order not in ("upsample_divergence", "upsample_attention"):
-            raise ValueError(f"multiscale_order={multiscale_order!r}: use 'upsample_divergence' or 'upsample_attention'")
-        if not scales or not all(0.0 < m <= 1.0 for m in scales):
-            raise ValueError(f"scales={tuple(scales)!r}: give one or more scales in (0, 1]")
-        self.multiscale = multiscale
-        self.scales = tuple(float(m) for m in scales)
-        self.atp = atp
-        self.entropy_threshold = entropy_threshold
-        self.class_temperature = class_temperature
-        self.attention_temperature = attention_temperature
-        self.minmax = minmax
-        self.multiscale_order = multiscale_order
-        self.row_normalize = row_normalize
-        self.pass2_arch = pass2_arch
-        self.entropy_scale = entropy_scale
-        self.entropy_log_base = entropy_log_base
-        self.alpha = alpha
-        self.default_threshold = default_threshold
-        self.threshold_granularity = threshold_granularity
-        self.max_chunk_elements = max_chunk_elements
+    def __init__(self, config: CDAMConfig | None = None, runtime: Any = None, **settings: Any) -> None:
+        config = CDAMConfig() if config is None else config
+        if settings:  # CDAM(atp=False, ...) for use without a registry: the same settings, the same validation
+            config = config.replace(**settings)
+        self.config = config
+        for name in CDAMConfig.field_names():
+            setattr(self, name, getattr(config, name))
         self.class_embeddings: Tensor | None = None
         self.atp_embeddings: Tensor | None = None
         self._range: tuple[Tensor, Tensor] | None = None  # entropy (min, max) kept for the image so far
         self._last_key: tuple[int, ...] | None = None  # raster position of the window behind ``_range``
         self._windows_seen = 0
-
-    @classmethod
-    def from_config(cls, config: Config) -> "CDAM":
-        """The component for a resolved configuration (its ``cdam_*`` fields)."""
-        return cls(
-            multiscale=config.cdam_multiscale,
-            scales=config.cdam_scales,
-            atp=config.cdam_atp,
-            entropy_threshold=config.cdam_entropy_threshold,
-            class_temperature=config.cdam_class_temperature,
-            attention_temperature=config.cdam_attention_temperature,
-            minmax=config.cdam_minmax,
-            multiscale_order=config.cdam_multiscale_order,  # type: ignore[arg-type]
-            row_normalize=config.cdam_row_normalize,
-            pass2_arch=config.cdam_pass2_arch,
-            entropy_scale=config.cdam_entropy_scale,
-            entropy_log_base=config.cdam_entropy_log_base,
-            alpha=config.cdam_alpha,
-            default_threshold=config.cdam_default_threshold,
-            threshold_granularity=config.cdam_threshold_granularity,
-        )
 
     def __repr__(self) -> str:
         return (
@@ -166,7 +150,7 @@ class CDAM:
 
     def set_vocabulary(self, model: nn.Module, vocabulary: Any, tokenizer: Any = None) -> None:
         """Embed ``vocabulary`` (and the ATP prompts when ``atp`` is on) with ``model``'s text tower; see set_text."""
-        from cass_plugins.text import default_tokenizer, encode_text
+        from cass_plugins.pipeline.text import default_tokenizer, encode_text
 
         tok = tokenizer if tokenizer is not None else default_tokenizer(None)
         classes = encode_text(model, tok, Vocabulary.parse(vocabulary))
@@ -240,7 +224,7 @@ class CDAM:
             )
         if ctx.record.get("cdam"):
             # A second CDAM wrapper would run pass 3 on pass 2's output (e.g. a cdam-* preset plus plugins=[CDAM()]).
-            raise RuntimeError("CDAM is registered twice on this model: use the preset's (cdam=True) or your own")
+            raise RuntimeError("CDAM is registered twice on this model: use the component (components=['cdam']) or your own")
         s0 = self.initial_similarity(ctx, patch1)
         w = self.attention(s0, grid)
         ctx.record["cdam"] = True
@@ -336,16 +320,16 @@ def cdam_vocabulary(dataset: str) -> Vocabulary:
 #: authors' repository is "maskclip" (identity attention, residual and FFN kept); how they fused CDAM with SCLIP's
 #: and ClearCLIP's attention is unpublished: here the baseline's own last block gives S0 and pass 2 is unchanged.
 CDAM_BASELINES: dict[str, dict[str, Any]] = {
-    "maskclip": dict(MaskCLIP.block_defaults, baseline="maskclip", arch="vanilla"),
-    "sclip": dict(SCLIP.block_defaults, baseline="sclip"),
-    "clearclip": dict(ClearCLIP.block_defaults, baseline="clearclip"),
+    "maskclip": {"baseline": "maskclip", "maskclip.arch": "vanilla"},
+    "sclip": {"baseline": "sclip"},
+    "clearclip": {"baseline": "clearclip"},
 }
 
 # The authors' protocol for every dataset (§11, §12): short side 448, 448/224 windows, ×50 logits, no PAMR; every
 # CASS component off. ``prob_thd=0.5`` is the repo config's value: the entropy threshold overrides it, and it is the
 # fixed threshold of the ablation rows without that component (an inference; the paper does not say).
 _PROTOCOL: dict[str, Any] = {
-    "cdam": True, "spectral": False, "presence_prior": False, "ota": False, "logit_scale": 50.0, "prob_thd": 0.5,
+    "components": ("cdam",), "logit_scale": 50.0, "prob_thd": 0.5,
     "area_thd": None, "short_side": 448, "max_long_side": 2048, "mode": "slide", "crop": 448, "stride": 224,
     "pamr_steps": 0, "class_files": "cdam",
 }
@@ -356,23 +340,23 @@ CDAM_DATASETS: dict[str, dict[str, Any]] = {
     "voc21": {},
     "context60": {},
     "coco_object": {},
-    "coco_stuff164k": {"cdam_entropy_threshold": False, "prob_thd": 0.0},
-    "cityscapes": {"cdam_entropy_threshold": False, "prob_thd": 0.0},
-    "ade20k": {"cdam_entropy_threshold": False, "prob_thd": 0.0},
+    "coco_stuff164k": {"cdam.entropy_threshold": False, "prob_thd": 0.0},
+    "cityscapes": {"cdam.entropy_threshold": False, "prob_thd": 0.0},
+    "ade20k": {"cdam.entropy_threshold": False, "prob_thd": 0.0},
 }
 
-#: The paper-vs-repo switches of §15 that are Config fields (``CDAM_VARIANTS["paper"]``).
+#: The paper-vs-repo switches of §15 that are settings (``CDAM_VARIANTS["paper"]``).
 _PAPER_SWITCHES: dict[str, Any] = {
-    "cdam_multiscale_order": "upsample_attention",
-    "cdam_entropy_scale": 1.0 / cm.CLASS_TEMPERATURE,
-    "cdam_entropy_log_base": math.e,
-    "cdam_threshold_granularity": "image",
+    "cdam.multiscale_order": "upsample_attention",
+    "cdam.entropy_scale": 1.0 / cm.CLASS_TEMPERATURE,
+    "cdam.entropy_log_base": math.e,
+    "cdam.threshold_granularity": "image",
 }
 
 #: Method presets: ``cdam-<baseline>`` (the repo's switches) and ``cdam-paper`` (MaskCLIP + the paper's switches).
 CDAM_PRESETS: dict[str, dict[str, Any]] = {
-    **{f"cdam-{name}": {**_PROTOCOL, **block} for name, block in CDAM_BASELINES.items()},
-    "cdam-paper": {**_PROTOCOL, **CDAM_BASELINES["maskclip"], **_PAPER_SWITCHES},
+    **{f"cdam-{name}": {**block, **_PROTOCOL} for name, block in CDAM_BASELINES.items()},
+    "cdam-paper": {**CDAM_BASELINES["maskclip"], **_PROTOCOL, **_PAPER_SWITCHES},
 }
 
 #: The paper's component ablation (Table 3) as overrides of any ``cdam-*`` preset, in order: the baseline alone,
@@ -380,17 +364,31 @@ CDAM_PRESETS: dict[str, dict[str, Any]] = {
 #: The last row thresholds to class 0: use it with background datasets (the paper's Table 3 is VOC21).
 CDAM_ABLATION: dict[str, dict[str, Any]] = {
     "baseline": {"cdam": False},
-    "+cdam": {"cdam": True, "cdam_multiscale": False, "cdam_atp": False, "cdam_entropy_threshold": False},
-    "+multiscale": {"cdam": True, "cdam_multiscale": True, "cdam_atp": False, "cdam_entropy_threshold": False},
-    "+atp": {"cdam": True, "cdam_multiscale": True, "cdam_atp": True, "cdam_entropy_threshold": False},
-    "+entropy_threshold": {"cdam": True, "cdam_multiscale": True, "cdam_atp": True, "cdam_entropy_threshold": True},
+    "+cdam": {"cdam": True, "cdam.multiscale": False, "cdam.atp": False, "cdam.entropy_threshold": False},
+    "+multiscale": {"cdam": True, "cdam.multiscale": True, "cdam.atp": False, "cdam.entropy_threshold": False},
+    "+atp": {"cdam": True, "cdam.multiscale": True, "cdam.atp": True, "cdam.entropy_threshold": False},
+    "+entropy_threshold": {"cdam": True, "cdam.multiscale": True, "cdam.atp": True, "cdam.entropy_threshold": True},
 }
 
 
-def _register() -> None:
-    REGISTRY.add_component("cdam", CDAM.from_config)
+def _check_cdam(config: Any) -> None:
+    """Refuse baselines that resample the patch tokens: CDAM's second pass needs them on the CLIP grid."""
+    if config.baseline == "proxyclip":
+        raise SettingError(
+            "component 'cdam' cannot be combined with baseline 'proxyclip': ProxyCLIP's output lives on the VFM "
+            "grid and CDAM's second pass needs the CLIP grid; use maskclip, sclip, clearclip, vanilla or naclip"
+        )
+
+
+COMPONENT = ComponentSpec(
+    name="cdam", config_class=CDAMConfig, factory=CDAM, stage="block", check=_check_cdam,
+    summary="CDAM: a class-distribution attention (JSD, multi-scale) and a second pass through the last block",
+    legacy_toggle="cdam", legacy_keys={f"cdam_{name}": name for name in CDAMConfig.field_names()},
+)
+
+
+@hookimpl
+def cass_register(registry: Registry) -> None:
+    registry.add_component(COMPONENT)
     for name, values in CDAM_PRESETS.items():
-        register_preset(name, values, CDAM_DATASETS)
-
-
-_register()
+        registry.add_preset(Preset(name, values, CDAM_DATASETS))

@@ -18,18 +18,28 @@ keys range-matched to q (``attn='vanilla'``: into the q-k logits, matched on k; 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from .base import BASELINE_PROTOCOL_OFF, Baseline
+from cass_plugins.core.baseline import Baseline, BlockSettings
+from cass_plugins.core.hookspecs import hookimpl
+from cass_plugins.core.registry import Preset, Registry
+from cass_plugins.core.settings import setting
 
-__all__ = ["ClearCLIP", "PRESETS"]
+__all__ = ["ClearCLIP", "ClearCLIPSettings", "PRESETS", "cass_register"]
+
+
+@dataclass(frozen=True)
+class ClearCLIPSettings(BlockSettings):
+    """ClearCLIP's last block: q-q attention, no residual, no FFN (attn='vanilla': the shipped config)."""
+
+    attn: str = setting("qq", choices=("qq", "vanilla", "csa", "identity"), doc="qq: softmax(s·QQᵀ) (the method)")
 
 
 class ClearCLIP(Baseline):
     name = "clearclip"
-    block_defaults = {"arch": "reduced", "attn": "qq", "gaussian_std": None, "include_cls": True}
-    attn_choices = ("qq", "vanilla", "csa", "identity")
-    spectral_note = (
+    config_class = ClearCLIPSettings
+    graph_fusion_note = (
         "fused into the q-q graph s·Q Qᵀ before the softmax (heads matched on the spectra of q, VFM keys "
         "range-matched to q); attn='vanilla' fuses into the q-k logits; attn='identity' (MaskCLIP) has no graph"
     )
@@ -37,8 +47,8 @@ class ClearCLIP(Baseline):
 
 # ClearCLIP's protocol (baselines.md §3): logit scale 50, 448/224 windows, short side 448 everywhere, no PAMR.
 _PROTOCOL: dict[str, Any] = dict(
-    ClearCLIP.block_defaults, baseline="clearclip", logit_scale=50.0, prob_thd=0.0, area_thd=None, crop=448,
-    stride=224, short_side=448, mode="slide", pamr_steps=0, class_files="clearclip", **BASELINE_PROTOCOL_OFF,
+    baseline="clearclip", components=(), logit_scale=50.0, prob_thd=0.0, area_thd=None, crop=448,
+    stride=224, short_side=448, mode="slide", pamr_steps=0, class_files="clearclip",
 )
 _DATASETS: dict[str, dict[str, Any]] = {
     "voc21": dict(prob_thd=0.5),
@@ -51,8 +61,15 @@ _DATASETS: dict[str, dict[str, Any]] = {
     "coco_stuff164k": {},
 }
 
-#: preset name -> (values, per-dataset values), registered by :mod:`adapters`.
+#: preset name -> (values, per-dataset values).
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
     "clearclip": (_PROTOCOL, _DATASETS),
-    "clearclip-shipped": (dict(_PROTOCOL, attn="vanilla"), _DATASETS),
+    "clearclip-shipped": ({**_PROTOCOL, "clearclip.attn": "vanilla"}, _DATASETS),
 }
+
+
+@hookimpl
+def cass_register(registry: Registry) -> None:
+    registry.add_baseline(ClearCLIP)
+    for name, (values, datasets) in PRESETS.items():
+        registry.add_preset(Preset(name, values, datasets))

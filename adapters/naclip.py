@@ -19,45 +19,54 @@ CASS's last block is NACLIP-reduced with CLS dropped, the VFM graph fused into t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from cass_plugins.plugins import BlockContext
-from cass_plugins.presets import Config
-from cass_plugins.spectral import gaussian_window
+from cass_plugins.cass.spectral import gaussian_window
+from cass_plugins.core.baseline import Baseline, BlockSettings
+from cass_plugins.core.hookspecs import BlockContext, hookimpl
+from cass_plugins.core.registry import Preset, Registry
+from cass_plugins.core.settings import SettingError, setting
 
-from .base import BASELINE_PROTOCOL_OFF, Baseline
+__all__ = ["NACLIP", "NACLIPSettings", "PRESETS", "cass_register"]
 
-__all__ = ["NACLIP", "PRESETS"]
+
+@dataclass(frozen=True)
+class NACLIPSettings(BlockSettings):
+    """NACLIP v2's last-block settings (defaults: the method as published)."""
+
+    attn: str = setting(
+        "naclip", choices=("naclip", "nonly", "kk", "csa", "vanilla"),
+        doc="naclip: softmax(s·KKᵀ + Ω); nonly: softmax(Ω·c); kk, csa, vanilla: without Ω",
+    )
+    gaussian_std: float | None = setting(5.0, range=(0.0, None), exclusive=True, doc="std of the Gaussian window Ω")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.attn == "csa" and self.arch != "vanilla":
+            raise SettingError("naclip.attn='csa' (SCLIP's attention) needs naclip.arch='vanilla', as in NACLIP")
+        if self.attn in ("naclip", "nonly") and self.gaussian_std is None:
+            raise SettingError(
+                f"naclip.attn={self.attn!r} needs naclip.gaussian_std > 0 (got None); for key-key attention without "
+                "the window use attn='kk'"
+            )
 
 
 class NACLIP(Baseline):
     name = "naclip"
-    block_defaults = {"arch": "reduced", "attn": "naclip", "gaussian_std": 5.0, "include_cls": True}
-    attn_choices = ("naclip", "nonly", "kk", "csa", "vanilla")
-    uses_gaussian = True
-    spectral_note = (
+    config_class = NACLIPSettings
+    graph_fusion_note = (
         "fused into the key-key graph s·K Kᵀ before Ω is added (CASS); with attn='csa' into both the q-q graph "
         "(matched against q) and the k-k graph; with attn='vanilla' into the q-k logits (matched against k); "
         "attn='nonly' has no data-dependent graph (Ω·c only) and is refused"
     )
 
     @classmethod
-    def check_config(cls, config: Config, vfm: nn.Module | None = None) -> None:
-        super().check_config(config, vfm)
-        if config.attn == "csa" and config.arch != "vanilla":
-            raise ValueError("NACLIP allows attn='csa' (SCLIP's attention) only with arch='vanilla'")
-        if config.attn in ("naclip", "nonly") and not (config.gaussian_std is not None and config.gaussian_std > 0):
-            raise ValueError(
-                f"NACLIP attn={config.attn!r} needs gaussian_std > 0 (got {config.gaussian_std}); "
-                "for key-key attention without the window use attn='kk'"
-            )
-
-    @classmethod
-    def spectral_ok(cls, config: Config) -> bool:
-        return config.attn != "nonly"
+    def has_fusable_graph(cls, settings: NACLIPSettings) -> bool:
+        return settings.attn != "nonly"
 
     def graphs(self, ctx: BlockContext) -> list[Tensor]:
         strategy = self.config.attn
@@ -100,8 +109,8 @@ class NACLIP(Baseline):
 # NACLIP's protocol (baselines.md §3): logit scale 40, 224/112 windows, PAMR on (10 steps, dilations 8 and 16);
 # VOC21 and VOC20 run on the whole image (slide_crop=0).
 _PROTOCOL: dict[str, Any] = dict(
-    NACLIP.block_defaults, baseline="naclip", logit_scale=40.0, prob_thd=0.0, area_thd=None, crop=224, stride=112,
-    short_side=336, mode="slide", pamr_steps=10, pamr_dilations=(8, 16), class_files="naclip", **BASELINE_PROTOCOL_OFF,
+    baseline="naclip", components=(), logit_scale=40.0, prob_thd=0.0, area_thd=None, crop=224, stride=112,
+    short_side=336, mode="slide", pamr_steps=10, pamr_dilations=(8, 16), class_files="naclip",
 )
 _DATASETS: dict[str, dict[str, Any]] = {
     "voc21": dict(short_side=336, prob_thd=0.1, mode="whole"),
@@ -114,5 +123,12 @@ _DATASETS: dict[str, dict[str, Any]] = {
     "coco_stuff164k": dict(short_side=336),  # 448 in NACLIP v1
 }
 
-#: preset name -> (values, per-dataset values), registered by :mod:`adapters`.
+#: preset name -> (values, per-dataset values).
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {"naclip": (_PROTOCOL, _DATASETS)}
+
+
+@hookimpl
+def cass_register(registry: Registry) -> None:
+    registry.add_baseline(NACLIP)
+    for name, (values, datasets) in PRESETS.items():
+        registry.add_preset(Preset(name, values, datasets))

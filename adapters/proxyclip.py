@@ -39,22 +39,20 @@ on the VFM grid; there is no CLIP attention graph left to distil into). OPS and 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from types import MethodType
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cass_plugins.hooks import VFMRunner
-from cass_plugins.image import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from cass_plugins.plugins import BlockContext, hookimpl
-from cass_plugins.presets import Config
+from cass_plugins.core.baseline import Baseline, BlockSettings
+from cass_plugins.core.hookspecs import BlockContext, hookimpl
+from cass_plugins.core.registry import Preset, Registry
+from cass_plugins.core.settings import setting
+from cass_plugins.pipeline.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from .base import BASELINE_PROTOCOL_OFF, Baseline
-
-__all__ = ["ProxyCLIP", "proxy_graph", "proxyclip_vfm_input", "use_proxyclip_vfm_input", "PRESETS"]
+__all__ = ["ProxyCLIP", "ProxyCLIPSettings", "proxy_graph", "PROXYCLIP_VFM_INPUT", "PRESETS", "cass_register"]
 
 
 def proxy_graph(feats: Tensor, beta: float = 1.2, gamma: float = 3.0) -> Tensor:
@@ -76,65 +74,16 @@ def proxy_graph(feats: Tensor, beta: float = 1.2, gamma: float = 3.0) -> Tensor:
     return s.masked_fill(masked, float("-inf"))
 
 
-def proxyclip_vfm_input(
-    clip_normalized: Tensor,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> Tensor:
-    """ProxyCLIP's VFM input from a CLIP-normalised crop (baselines.md §1.5, "VFM input").
-
-    ProxyCLIP (``proxyclip_segmentor.py`` with ``myutils.py``'s ``UnNormalize``) undoes the crop's CLIP normalisation
-    per channel as ``x·σ + μ`` with OpenAI CLIP's 0–1 constants, although the crop was normalised with mmseg's
-    0–255 statistics; then it applies the VFM's ``(x − mean) / std``. The 0–1 constants are not exactly the 0–255
-    ones divided by 255, so this is not the exact inverse that :func:`cass_plugins.image.to_vfm_normalization` (CASS's
-    rule) computes: the two differ by ~1e-5, enough to flip entries of the proxy graph's hard ``S' < 0`` mask.
-    The two affine steps are folded into one, with coefficients and arithmetic in float64 (float32 on MPS).
-
-    Args:
-        clip_normalized: ``(3, H, W)`` or ``(B, 3, H, W)`` CLIP-normalised crops.
-        mean: The VFM's per-channel mean on the 0–1 scale (ImageNet's, as for DINO / DINOv2).
-        std: The VFM's per-channel std on the 0–1 scale.
-
-    Returns:
-        Tensor of the input's float dtype (float32 for integer input) and shape.
-    """
-    if clip_normalized.dim() not in (3, 4) or clip_normalized.shape[-3] != 3:
-        raise ValueError(f"expected (3, H, W) or (B, 3, H, W), got shape {tuple(clip_normalized.shape)}")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError("mean and std must have 3 entries (RGB)")
-    x = clip_normalized
-    # y = (x·σ_c + μ_c − mean) / std = x·a + b
-    a = [sc / s for sc, s in zip(OPENAI_CLIP_STD, std)]
-    b = [(mc - m) / s for mc, m, s in zip(OPENAI_CLIP_MEAN, mean, std)]
-    work = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
-    a_t = torch.tensor(a, dtype=work, device=x.device).view(-1, 1, 1)
-    b_t = torch.tensor(b, dtype=work, device=x.device).view(-1, 1, 1)
-    y = x.to(work) * a_t + b_t
-    return y.to(x.dtype if x.is_floating_point() else torch.float32)
-
-
-def _proxyclip_prepare(runner: VFMRunner, clip_images: Tensor, square: bool) -> Tensor:
-    # VFMRunner.prepare with ProxyCLIP's de-normalisation; the square resize is kept for the runner's contract.
-    x = proxyclip_vfm_input(clip_images.float(), runner.mean, runner.std)
-    if square:
-        side = min(x.shape[-2:])
-        if x.shape[-2] != side or x.shape[-1] != side:
-            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=False)
-    return x.to(runner.access.dtype)
-
-
-def use_proxyclip_vfm_input(runner: VFMRunner) -> VFMRunner:
-    """Make ``runner`` build its VFM input with :func:`proxyclip_vfm_input` (ProxyCLIP's rule) instead of CASS's.
-
-    ``patch_clip`` creates one plain ``VFMRunner`` per patch and hands it to the baseline; the ProxyCLIP adapter
-    swaps that runner's ``prepare`` (only on this instance: other runners, and CASS's rule, are untouched). Its
-    ``features`` and ``keys`` then use the new input; the VFM's mean/std stay the runner's own.
-
-    Returns:
-        The same runner.
-    """
-    runner.prepare = MethodType(_proxyclip_prepare, runner)  # type: ignore[method-assign]
-    return runner
+#: ProxyCLIP's VFM-input rule (baselines.md §1.5, "VFM input"): its code (``proxyclip_segmentor.py`` with
+#: ``myutils.py``'s ``UnNormalize``) undoes the crop's CLIP normalisation as ``x·σ + μ`` with OpenAI CLIP's 0–1
+#: constants, although the crop was normalised with mmseg's 0–255 statistics, then applies the VFM's
+#: ``(x − mean) / std``. The 0–1 constants are not exactly the 0–255 ones divided by 255, so this differs from the
+#: exact inverse CASS uses by ~1e-5 — enough to flip entries of the proxy graph's hard ``S' < 0`` mask. Passed to
+#: :class:`~cass_plugins.core.vfm.VFMRunner` (0–255 scale).
+PROXYCLIP_VFM_INPUT: dict[str, tuple[float, ...]] = {
+    "clip_mean": tuple(255.0 * m for m in OPENAI_CLIP_MEAN),
+    "clip_std": tuple(255.0 * s for s in OPENAI_CLIP_STD),
+}
 
 
 def _check_vfm(vfm: nn.Module | None) -> None:
@@ -159,29 +108,39 @@ def _check_vfm(vfm: nn.Module | None) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ProxyCLIPSettings(BlockSettings):
+    """ProxyCLIP's last block: CLIP's values attended with the VFM-feature proxy graph."""
+
+    arch: str = setting("reduced", choices=("reduced",), doc="no residual, no FFN")
+    attn: str = setting("proxy", choices=("proxy",), doc="softmax of the proxy graph S'")
+    include_cls: bool = setting(False, choices=(False,), doc="ProxyCLIP never attends with CLS")
+    beta: float = setting(1.2, doc="β of S' = γ·(S − β·mean(S))")
+    gamma: float = setting(3.0, range=(0.0, None), exclusive=True, doc="γ of S' = γ·(S − β·mean(S))")
+
+
 class ProxyCLIP(Baseline):
     name = "proxyclip"
+    config_class = ProxyCLIPSettings
     needs_vfm = True
-    block_defaults = {"arch": "reduced", "attn": "proxy", "gaussian_std": None, "include_cls": False}
-    attn_choices = ("proxy",)
-    arch_choices = ("reduced",)
-    supports_spectral = False
-    spectral_note = (
+    vfm_input = PROXYCLIP_VFM_INPUT
+    legacy_keys = {"proxy_beta": "beta", "proxy_gamma": "gamma"}
+    graph_fusion_note = (
         "ProxyCLIP's attention is already a graph of VFM features, shared by every head and on the VFM grid; there "
         "is no CLIP attention graph left to distil the VFM graph into. OPS and OTA still apply"
     )
 
-    def __init__(self, config: Config, vfm: VFMRunner | None) -> None:
-        self.check_config(config, vfm.model if vfm is not None else None)
-        self.config = config
-        # ProxyCLIP's own VFM-input rule (baselines.md §1.5), set after the checks so a refused config leaves the
-        # runner as it was.
-        self.vfm = use_proxyclip_vfm_input(vfm) if vfm is not None else None
+    def __init__(self, settings: ProxyCLIPSettings, runtime: Any) -> None:
+        super().__init__(settings, runtime)
+        self.vfm = runtime.vfm
 
     @classmethod
-    def check_config(cls, config: Config, vfm: nn.Module | None = None) -> None:
-        super().check_config(config, vfm)
+    def check_vfm(cls, vfm: Any) -> None:
         _check_vfm(vfm)
+
+    @classmethod
+    def has_fusable_graph(cls, settings: BlockSettings) -> bool:
+        return False
 
     @hookimpl
     def cass_attention_graphs(self, ctx: BlockContext) -> list[Tensor]:
@@ -194,7 +153,7 @@ class ProxyCLIP(Baseline):
         feats, vgrid = self.vfm.features(ctx.images)
         ctx.output_grid = (int(vgrid[0]), int(vgrid[1]))
         ctx.graph_keys = [None]
-        graph = proxy_graph(feats, self.config.proxy_beta, self.config.proxy_gamma)
+        graph = proxy_graph(feats, self.config.beta, self.config.gamma)
         return [graph[:, None]]  # one graph for every head
 
     def attend(self, ctx: BlockContext) -> Tensor:
@@ -216,8 +175,8 @@ class ProxyCLIP(Baseline):
 # ProxyCLIP's protocol (baselines.md §3): logit scale 40, 336/112 windows, no PAMR (VFM: DINO ViT-B/8 by default).
 # Its crop padding to a multiple of 56 (Q13) is a pipeline detail not expressed here.
 _PROTOCOL: dict[str, Any] = dict(
-    ProxyCLIP.block_defaults, baseline="proxyclip", logit_scale=40.0, prob_thd=0.0, area_thd=None, crop=336,
-    stride=112, short_side=336, mode="slide", pamr_steps=0, class_files="proxyclip", **BASELINE_PROTOCOL_OFF,
+    baseline="proxyclip", components=(), logit_scale=40.0, prob_thd=0.0, area_thd=None, crop=336,
+    stride=112, short_side=336, mode="slide", pamr_steps=0, class_files="proxyclip",
 )
 _DATASETS: dict[str, dict[str, Any]] = {
     "voc21": dict(short_side=336, prob_thd=0.2),
@@ -230,5 +189,12 @@ _DATASETS: dict[str, dict[str, Any]] = {
     "coco_stuff164k": dict(short_side=336),
 }
 
-#: preset name -> (values, per-dataset values), registered by :mod:`adapters`.
+#: preset name -> (values, per-dataset values).
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {"proxyclip": (_PROTOCOL, _DATASETS)}
+
+
+@hookimpl
+def cass_register(registry: Registry) -> None:
+    registry.add_baseline(ProxyCLIP)
+    for name, (values, datasets) in PRESETS.items():
+        registry.add_preset(Preset(name, values, datasets))

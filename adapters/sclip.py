@@ -13,18 +13,29 @@ per image; Q14 (R) ``area_thd`` relative to the non-class-0 pixel count - a pipe
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from .base import BASELINE_PROTOCOL_OFF, Baseline
+from cass_plugins.core.baseline import Baseline, BlockSettings
+from cass_plugins.core.hookspecs import hookimpl
+from cass_plugins.core.registry import Preset, Registry
+from cass_plugins.core.settings import setting
 
-__all__ = ["SCLIP", "PRESETS"]
+__all__ = ["SCLIP", "SCLIPSettings", "PRESETS", "cass_register"]
+
+
+@dataclass(frozen=True)
+class SCLIPSettings(BlockSettings):
+    """SCLIP's last block: correlative self-attention, residual and FFN kept."""
+
+    arch: str = setting("vanilla", choices=("reduced", "vanilla"), doc="SCLIP keeps residual + FFN ('vanilla')")
+    attn: str = setting("csa", choices=("csa",), doc="softmax(s·QQᵀ) + softmax(s·KKᵀ)")
 
 
 class SCLIP(Baseline):
     name = "sclip"
-    block_defaults = {"arch": "vanilla", "attn": "csa", "gaussian_std": None, "include_cls": True}
-    attn_choices = ("csa",)
-    spectral_note = (
+    config_class = SCLIPSettings
+    graph_fusion_note = (
         "fused into both CSA graphs: s·Q Qᵀ (heads matched on the spectra of q) and s·K Kᵀ (matched on k), "
         "each before its softmax"
     )
@@ -32,8 +43,8 @@ class SCLIP(Baseline):
 
 # SCLIP's protocol (baselines.md §3): logit scale 40, 224/112 windows, no PAMR; per-dataset overrides.
 _PROTOCOL: dict[str, Any] = dict(
-    SCLIP.block_defaults, baseline="sclip", logit_scale=40.0, prob_thd=0.0, area_thd=None, crop=224, stride=112,
-    short_side=336, mode="slide", pamr_steps=0, pamr_dilations=(8, 16), class_files="sclip", **BASELINE_PROTOCOL_OFF,
+    baseline="sclip", components=(), logit_scale=40.0, prob_thd=0.0, area_thd=None, crop=224, stride=112,
+    short_side=336, mode="slide", pamr_steps=0, pamr_dilations=(8, 16), class_files="sclip",
 )
 _DATASETS: dict[str, dict[str, Any]] = {
     "voc21": dict(short_side=336, logit_scale=65.0, prob_thd=0.1, area_thd=0.1),
@@ -46,5 +57,12 @@ _DATASETS: dict[str, dict[str, Any]] = {
     "coco_stuff164k": dict(short_side=448),
 }
 
-#: preset name -> (values, per-dataset values), registered by :mod:`adapters`.
+#: preset name -> (values, per-dataset values).
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {"sclip": (_PROTOCOL, _DATASETS)}
+
+
+@hookimpl
+def cass_register(registry: Registry) -> None:
+    registry.add_baseline(SCLIP)
+    for name, (values, datasets) in PRESETS.items():
+        registry.add_preset(Preset(name, values, datasets))

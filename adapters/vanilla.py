@@ -20,19 +20,36 @@ as a q-k graph has no real spectrum); MaskCLIP has no attention graph at all and
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from .base import BASELINE_PROTOCOL_OFF, Baseline
+from cass_plugins.core.baseline import Baseline, BlockSettings
+from cass_plugins.core.hookspecs import hookimpl
+from cass_plugins.core.registry import Preset, Registry
+from cass_plugins.core.settings import setting
 
-__all__ = ["Vanilla", "MaskCLIP", "PRESETS"]
+__all__ = ["Vanilla", "MaskCLIP", "VanillaSettings", "MaskCLIPSettings", "PRESETS", "cass_register"]
+
+
+@dataclass(frozen=True)
+class VanillaSettings(BlockSettings):
+    """Plain CLIP's last block (attn='identity' makes it MaskCLIP, kept so the baselines table is one baseline)."""
+
+    arch: str = setting("vanilla", choices=("reduced", "vanilla"), doc="'reduced': no residual/FFN")
+    attn: str = setting("vanilla", choices=("vanilla", "identity"), doc="softmax(s·QKᵀ) or identity")
+
+
+@dataclass(frozen=True)
+class MaskCLIPSettings(BlockSettings):
+    """MaskCLIP: identity attention, O = out_proj(V) (arch='vanilla': residual + FFN, the original MaskCLIP)."""
+
+    attn: str = setting("identity", choices=("identity",), doc="each token attends to itself only")
 
 
 class Vanilla(Baseline):
     name = "vanilla"
-    block_defaults = {"arch": "vanilla", "attn": "vanilla", "gaussian_std": None, "include_cls": True}
-    # attn='identity' makes this MaskCLIP (same as baseline 'maskclip'); kept so the §1.1 table is one baseline.
-    attn_choices = ("vanilla", "identity")
-    spectral_note = (
+    config_class = VanillaSettings
+    graph_fusion_note = (
         "fused into the q-k logits s·Q Kᵀ before the softmax (heads matched on the spectra of k); "
         "attn='identity' (MaskCLIP) has no graph"
     )
@@ -40,14 +57,16 @@ class Vanilla(Baseline):
 
 class MaskCLIP(Baseline):
     name = "maskclip"
-    block_defaults = {"arch": "reduced", "attn": "identity", "gaussian_std": None, "include_cls": True}
-    attn_choices = ("identity",)
-    supports_spectral = False
-    spectral_note = (
+    config_class = MaskCLIPSettings
+    graph_fusion_note = (
         "MaskCLIP's attention is the identity (Z = out_proj(V)): there is no token-token graph to fuse the VFM "
         "graph into. OPS and OTA still apply; for spectral distillation pick a baseline with a graph "
         "(e.g. 'naclip', 'clearclip')"
     )
+
+    @classmethod
+    def has_fusable_graph(cls, settings: BlockSettings) -> bool:
+        return False
 
 
 # Plain CLIP runs in SCLIP's code (csa=False), so its preset uses SCLIP's protocol defaults and short sides, without
@@ -57,20 +76,28 @@ _SHORT_SIDES = {
     "ade20k": 336, "coco_stuff164k": 448,
 }
 _VANILLA: dict[str, Any] = dict(
-    Vanilla.block_defaults, baseline="vanilla", logit_scale=40.0, prob_thd=0.0, area_thd=None, crop=224, stride=112,
-    short_side=336, mode="slide", pamr_steps=0, class_files="sclip", **BASELINE_PROTOCOL_OFF,
+    baseline="vanilla", components=(), logit_scale=40.0, prob_thd=0.0, area_thd=None, crop=224, stride=112,
+    short_side=336, mode="slide", pamr_steps=0, class_files="sclip",
 )
 _MASKCLIP: dict[str, Any] = dict(
-    MaskCLIP.block_defaults, baseline="maskclip", logit_scale=50.0, prob_thd=0.0, area_thd=None, crop=448,
-    stride=224, short_side=448, mode="slide", pamr_steps=0, class_files="clearclip", **BASELINE_PROTOCOL_OFF,
+    baseline="maskclip", components=(), logit_scale=50.0, prob_thd=0.0, area_thd=None, crop=448,
+    stride=224, short_side=448, mode="slide", pamr_steps=0, class_files="clearclip",
 )
 _CLEARCLIP_DATASETS: dict[str, dict[str, Any]] = {
     name: ({"crop": 224} if name == "cityscapes" else {}) for name in _SHORT_SIDES
 }
 
-#: preset name -> (values, per-dataset values), registered by :mod:`adapters`.
+#: preset name -> (values, per-dataset values).
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
     "vanilla": (_VANILLA, {name: {"short_side": s} for name, s in _SHORT_SIDES.items()}),
     "maskclip": (_MASKCLIP, _CLEARCLIP_DATASETS),
-    "maskclip-original": (dict(_MASKCLIP, arch="vanilla"), _CLEARCLIP_DATASETS),
+    "maskclip-original": ({**_MASKCLIP, "maskclip.arch": "vanilla"}, _CLEARCLIP_DATASETS),
 }
+
+
+@hookimpl
+def cass_register(registry: Registry) -> None:
+    registry.add_baseline(Vanilla)
+    registry.add_baseline(MaskCLIP)
+    for name, (values, datasets) in PRESETS.items():
+        registry.add_preset(Preset(name, values, datasets))

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.cdam import CDAM  # noqa: E402
-from cass_plugins import cdam as cm  # noqa: E402
+from cass_plugins.adapters.cdam import CDAM  # noqa: E402
+from cass_plugins.adapters import cdam_math as cm  # noqa: E402
 from cass_plugins import encode_dense, patch_clip  # noqa: E402
 
 

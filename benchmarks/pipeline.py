@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from cass_plugins import Segmenter, Vocabulary, encode_dense, image_embedding
-from cass_plugins.windows import window_grid
+from cass_plugins.pipeline.windows import window_grid
 
 
 class AuthorsCostSegmenter(Segmenter):
@@ -54,20 +54,26 @@ class AuthorsCostSegmenter(Segmenter):
         super().__init__(*args, **kwargs)
         self.full = full
         self._whole: torch.Tensor | None = None
+        window_logits = self.handle.logits
+
+        def logits_with_authors_cost(crops: torch.Tensor, *a: Any, **kw: Any) -> torch.Tensor:
+            self._repeat_whole_image_pass(crops)
+            return window_logits(crops, *a, **kw)
+
+        self.handle.logits = logits_with_authors_cost  # type: ignore[method-assign]
 
     def preprocess(self, image):  # keep the whole resized image for the repeated per-window pass
         x, original = super().preprocess(image)
         self._whole = x
         return x, original
 
-    def _run_windows(self, crops, *args: Any, **kwargs: Any):
-        if self.config.mode == "slide" and self._whole is not None:
+    def _repeat_whole_image_pass(self, crops: torch.Tensor) -> None:
+        if self.config.pipeline.mode == "slide" and self._whole is not None:
             if self.full:
                 encode_dense(self.model, self._whole)  # CLIP + VFM(whole square) + spectral fusion, per window
             else:
                 image_embedding(self.model, self._whole)  # the whole-image CLIP pass, per window
                 self.handle.vfm.keys(crops)  # the second VFM forward on the window
-        return super()._run_windows(crops, *args, **kwargs)
 
 
 def _sync(device: torch.device) -> None:

@@ -11,7 +11,7 @@ Rows:
 * ``CLIP forward`` / ``VFM forward``: the bare forwards over the image's windows (unpatched CLIP dense features;
   full timm forward) — what CASS's overhead is measured against;
 * ``CLIP (unpatched)``: a complete segmentation (resize, windows, cosine logits, label map) with the unmodified model;
-* one row per baseline in ``cass_plugins.plugins.REGISTRY`` (components off);
+* one row per baseline in ``cass_plugins.core.hookspecs.REGISTRY`` (components off);
 * ``CASS``: the ``cass-official`` preset (spectral distillation + OPS + OTA).
 
 The text classifier is computed once per model outside the timed loop (it is per vocabulary, not per image).
@@ -43,16 +43,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(REPO))
 
-from cass_plugins.image import clip_normalize, load_image, resize_short_side  # noqa: E402
-from cass_plugins.ota import TextEmbeddingAdjuster  # noqa: E402
-from cass_plugins.patch import encode_dense  # noqa: E402
-from cass_plugins.postprocess import logits_to_labels, upsample_logits  # noqa: E402
-from cass_plugins.presets import resolve_config  # noqa: E402
-from cass_plugins.segmenter import Segmenter  # noqa: E402
-from cass_plugins.templates import IMAGENET_TEMPLATES  # noqa: E402
-from cass_plugins.text import encode_text  # noqa: E402
-from cass_plugins.vocabulary import Vocabulary  # noqa: E402
-from cass_plugins.windows import SlidingWindowAccumulator, iter_window_batches, window_grid  # noqa: E402
+from cass_plugins.pipeline.image import clip_normalize, load_image, resize_short_side  # noqa: E402
+from cass_plugins.cass.ota import TextEmbeddingAdjuster  # noqa: E402
+from cass_plugins.core.patch import encode_dense  # noqa: E402
+from cass_plugins.pipeline.postprocess import logits_to_labels, upsample_logits  # noqa: E402
+from cass_plugins.core.config import resolve_config  # noqa: E402
+from cass_plugins.pipeline.segmenter import Segmenter  # noqa: E402
+from cass_plugins.pipeline.templates import IMAGENET_TEMPLATES  # noqa: E402
+from cass_plugins.pipeline.text import encode_text  # noqa: E402
+from cass_plugins.pipeline.vocabulary import Vocabulary  # noqa: E402
+from cass_plugins.pipeline.windows import SlidingWindowAccumulator, iter_window_batches, window_grid  # noqa: E402
 
 CLIP_NAME = "ViT-B-16-quickgelu"
 VFM_NAME = "vit_base_patch8_224"
@@ -159,7 +159,7 @@ def _window_crops(image: np.ndarray, device: torch.device) -> list[torch.Tensor]
 
 
 def _load_models(device: str, dtype: str) -> tuple[torch.nn.Module, Any, torch.nn.Module]:
-    from cass_plugins.loading import load_clip, load_vfm
+    from cass_plugins.backbone.loading import load_clip, load_vfm
 
     torch.manual_seed(0)
     clip, tokenizer = load_clip(CLIP_NAME, "random", device=device, precision=dtype)
@@ -168,9 +168,9 @@ def _load_models(device: str, dtype: str) -> tuple[torch.nn.Module, Any, torch.n
 
 
 def _baselines() -> list[str]:
-    from cass_plugins.plugins import REGISTRY, load_plugins
+    from cass_plugins.core.registry import REGISTRY
 
-    load_plugins()
+    REGISTRY.load()
     return sorted(REGISTRY.baselines)
 
 
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = {m.strip().lower() for m in args.methods.split(",")} if args.methods else None
 
     cfg = resolve_config("cass-official", **PROTOCOL)
-    from cass_plugins.image import rescaled_size
+    from cass_plugins.pipeline.image import rescaled_size
 
     resized = rescaled_size(args.size[0], args.size[1], cfg.short_side, cfg.max_long_side)
     n_windows = len(window_grid(resized[0], resized[1], cfg.crop, cfg.stride))

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cass_plugins import cache as cache_module  # noqa: E402
-from cass_plugins.templates import IMAGENET_TEMPLATES  # noqa: E402
-from cass_plugins.text import DEFAULT_BATCH_SIZE, TextEmbeddingCache, default_tokenizer, encode_text  # noqa: E402
-from cass_plugins.vocabulary import Vocabulary  # noqa: E402
+from cass_plugins.pipeline import cache as cache_module  # noqa: E402
+from cass_plugins.pipeline.templates import IMAGENET_TEMPLATES  # noqa: E402
+from cass_plugins.pipeline.text import DEFAULT_BATCH_SIZE, TextEmbeddingCache, default_tokenizer, encode_text  # noqa: E402
+from cass_plugins.pipeline.vocabulary import Vocabulary  # noqa: E402
 
 
 def _timed(fn: Callable[[], object]) -> float:

@@ -4,26 +4,34 @@ The flat public API::
 
     handle = patch_clip(clip_model, vfm=dino)            # CASS last block (preset "cass-official")
     dense = encode_dense(clip_model, crops)              # (B, gh, gw, d) features + (B, d) image embeddings
+    logits = handle.logits(crops, text, image=whole)     # text side: OTA, cosine logits, presence prior
     handle.remove()                                      # bit-identical unpatched model again
 """
-from .backbone import ViTAccess, vit_access
-from .hooks import SpectralAttentionHook, VFMRunner
-from .loading import WeightsUnavailableError, load_clip, load_vfm
-from .matching import HeadMatching, match_heads
-from .patch import COMPONENTS, DenseOutput, PatchHandle, encode_dense, get_patch, image_embedding, patch_clip
-from .plugins import REGISTRY, hookimpl, hookspec
-from .presets import Config, list_presets, resolve_config
-from .prior import PresencePriorHead
-from .ota import TextEmbeddingAdjuster
-from .segmenter import SegmentationResult, Segmenter
-from .vocabulary import Vocabulary
+from cass_plugins.backbone.access import ViTAccess, vit_access
+from cass_plugins.backbone.loading import WeightsUnavailableError, load_clip, load_vfm
+from cass_plugins.cass.distillation import SpectralAttentionHook, SpectralConfig
+from cass_plugins.cass.matching import HeadMatching, match_heads
+from cass_plugins.cass.ota import OTAConfig, TextEmbeddingAdjuster
+from cass_plugins.cass.prior import PresencePriorConfig, PresencePriorHead
+from cass_plugins.core.baseline import Baseline, BlockSettings
+from cass_plugins.core.config import Config, PipelineConfig, list_presets, resolve_config
+from cass_plugins.core.hookspecs import hookimpl, hookspec
+from cass_plugins.core.patch import (
+    DenseOutput, PatchHandle, cosine_logits, encode_dense, get_patch, image_embedding, patch_clip,
+)
+from cass_plugins.core.registry import REGISTRY, ComponentSpec, Preset
+from cass_plugins.core.settings import SettingError, Settings, setting
+from cass_plugins.core.vfm import VFMRunner
+from cass_plugins.pipeline.segmenter import SegmentationResult, Segmenter
+from cass_plugins.pipeline.vocabulary import Vocabulary
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "patch_clip", "PatchHandle", "encode_dense", "DenseOutput", "image_embedding", "get_patch", "COMPONENTS",
-    "SpectralAttentionHook", "VFMRunner", "HeadMatching", "match_heads", "ViTAccess", "vit_access",
-    "Config", "resolve_config", "list_presets", "REGISTRY", "hookimpl", "hookspec",
-    "PresencePriorHead", "TextEmbeddingAdjuster", "Segmenter", "SegmentationResult", "Vocabulary",
-    "load_clip", "load_vfm", "WeightsUnavailableError",
+    "patch_clip", "PatchHandle", "encode_dense", "DenseOutput", "image_embedding", "get_patch", "cosine_logits",
+    "SpectralAttentionHook", "SpectralConfig", "VFMRunner", "HeadMatching", "match_heads", "ViTAccess", "vit_access",
+    "Config", "PipelineConfig", "resolve_config", "list_presets", "REGISTRY", "ComponentSpec", "Preset",
+    "Baseline", "BlockSettings", "Settings", "setting", "SettingError", "hookimpl", "hookspec",
+    "PresencePriorHead", "PresencePriorConfig", "TextEmbeddingAdjuster", "OTAConfig", "Segmenter",
+    "SegmentationResult", "Vocabulary", "load_clip", "load_vfm", "WeightsUnavailableError",
 ]

@@ -1,6 +1,6 @@
 """``python -m cass_plugins`` is ``cass-segment``."""
 import sys
 
-from .cli import main
+from cass_plugins.cli.segment import main
 
 sys.exit(main())

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from cass_plugins import encode_dense, load_clip, load_vfm, patch_clip  # noqa: E402
-from cass_plugins.image import clip_normalize, load_image, resize_short_side  # noqa: E402
+from cass_plugins.pipeline.image import clip_normalize, load_image, resize_short_side  # noqa: E402
 
 
 def main() -> None:

@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from cass_plugins import PresencePriorHead, TextEmbeddingAdjuster, encode_dense, hookimpl, load_vfm, patch_clip
-from cass_plugins.image import clip_normalize, load_image
-from cass_plugins.text import encode_text
+from cass_plugins.pipeline.image import clip_normalize, load_image
+from cass_plugins.pipeline.text import encode_text
 
 
 class GraphStatistics:
     """A third-party component: sees (and could edit) the fused attention graphs of every forward.
 
-    Any object with ``@hookimpl`` methods named after the hook specifications in ``cass_plugins.plugins`` is a
+    Any object with ``@hookimpl`` methods named after the hook specifications in ``cass_plugins.core.hookspecs`` is a
     plugin; this one only records the range of the graphs after CASS has fused the VFM graph into them.
     """
 

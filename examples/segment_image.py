@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from cass_plugins import Segmenter, load_clip, load_vfm
-from cass_plugins.image import load_image
-from cass_plugins.visualize import legend_overlay
+from cass_plugins.pipeline.image import load_image
+from cass_plugins.pipeline.visualize import legend_overlay
 
 
 def main() -> None:

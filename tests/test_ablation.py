@@ -5,17 +5,25 @@ import pytest
 import torch
 from conftest import make_tiny_clip, make_tiny_vfm
 
-from cass_plugins import ablation
-from cass_plugins.ablation import ABLATION_ROWS, ablation_config, format_table, resolve_rows, run_ablation
-from cass_plugins.presets import resolve_config
+from cass_plugins.evaluation import ablation
+from cass_plugins.evaluation.ablation import ABLATION_ROWS, ablation_config, format_table, resolve_rows, run_ablation
+from cass_plugins.core.config import resolve_config
 
 TINY = dict(short_side=64, crop=64, stride=32)  # keep the tiny models' windows small
 VOCAB = ["sky", "cat; kitten", "dog"]
 
 
 def _diff(a, b) -> set[str]:
+    """Settings that differ as ``section.key``, and components switched on as ``+name``."""
     da, db = a.to_dict(), b.to_dict()
-    return {k for k in da if da[k] != db[k]}
+    out = {f"+{c}" for c in set(db.pop("components")) - set(da.pop("components"))}
+    out |= {f"-{c}" for c in set(a.components) - set(b.components)}
+    for section in da:
+        if isinstance(da[section], dict):
+            out |= {f"{section}.{k}" for k in da[section] if da[section][k] != db[section][k]}
+        elif da[section] != db[section]:
+            out.add(section)
+    return out
 
 
 def test_rows_add_one_component_each():
@@ -25,11 +33,12 @@ def test_rows_add_one_component_each():
     assert (vanilla.baseline, vanilla.attn, vanilla.gaussian_std, vanilla.include_cls) == ("naclip", "naclip", 5.0, False)
     assert vfm_graph.spectral and vfm_graph.matching == "sequential" and vfm_graph.lowrank is None
     assert not vfm_graph.eigenscaling
-    assert _diff(vfm_graph, matching) == {"matching"}
-    assert _diff(matching, low_rank) == {"lowrank"}
-    assert _diff(low_rank, eigen) == {"eigenscaling"}
-    assert _diff(eigen, ops) == {"presence_prior"}
-    assert _diff(ops, ota) == {"ota"}
+    assert _diff(vanilla, vfm_graph) == {"+spectral", "spectral.matching", "spectral.lowrank", "spectral.eigenscaling"}
+    assert _diff(vfm_graph, matching) == {"spectral.matching"}
+    assert _diff(matching, low_rank) == {"spectral.lowrank"}
+    assert _diff(low_rank, eigen) == {"spectral.eigenscaling"}
+    assert _diff(eigen, ops) == {"+ops"}
+    assert _diff(ops, ota) == {"+ota"}
     assert ota == resolve_config("cass-official")
 
 
@@ -63,7 +72,7 @@ def test_run_ablation_agreement_and_miou():
     assert full.agreement == 100.0 and 0.0 <= res[0].agreement <= 100.0
     assert all(r.seconds_per_image > 0 and r.miou is None for r in res)
     # agreement is the fraction of equal pixels: recompute it from the two rows' own label maps
-    from cass_plugins.segmenter import Segmenter
+    from cass_plugins.pipeline.segmenter import Segmenter
 
     maps = {}
     for row in ("vanilla", "+ota"):
@@ -82,7 +91,7 @@ def test_run_ablation_agreement_and_miou():
 def test_cli_prints_table(monkeypatch, tmp_path, capsys):
     from PIL import Image
 
-    import cass_plugins.cli as cli
+    import cass_plugins.cli.common as cli
 
     for i, im in enumerate(_images()):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"im{i}.png")

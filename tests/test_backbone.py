@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cass_plugins.backbone import interpolate_pos_embed, vit_access
+from cass_plugins.backbone.access import interpolate_pos_embed, vit_access
 from conftest import TINY_CLIP_CFG, make_tiny_clip, make_tiny_vfm
 from openai_style import make_openai_style_clip
 
@@ -182,8 +182,8 @@ def test_image_smaller_than_a_patch_is_refused(tiny_clip: nn.Module) -> None:
 ])
 def test_full_size_vfm_families_give_keys(name: str, heads: int, prefix: int, interp: str) -> None:
     """Every VFM the spec names (cass.md §2) yields last-block keys on a non-native square input."""
-    from cass_plugins.hooks import VFMRunner
-    from cass_plugins.loading import load_vfm
+    from cass_plugins.core.vfm import VFMRunner
+    from cass_plugins.backbone.loading import load_vfm
 
     vfm = load_vfm(name, "random")
     runner = VFMRunner(vfm)

@@ -1,6 +1,6 @@
 """The CASS last block (cass.md §1-2, §6, §9) against a float64 re-computation written from the spec here.
 
-The reference reads the weights directly (no ViTAccess, no cass_plugins.spectral) and follows the spec step by
+The reference reads the weights directly (no ViTAccess, no cass_plugins.cass.spectral) and follows the spec step by
 step. Random weights give near-tied head matchings (cass.md §10), so the reference first checks that the
 patch's assignment is optimal for the reference cost, then uses it.
 """

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters.cdam import CDAM, CDAM_ABLATION, CDAM_PRESETS, atp_vocabulary, cdam_vocabulary
+from cass_plugins.adapters.cdam import CDAM, CDAM_ABLATION, CDAM_PRESETS, atp_vocabulary, cdam_vocabulary
 from cass_plugins import encode_dense, patch_clip
-from cass_plugins.cdam import ATP_PROMPTS
-from cass_plugins.plugins import hookimpl
-from cass_plugins.presets import resolve_config
+from cass_plugins.adapters.cdam_math import ATP_PROMPTS
+from cass_plugins.core.hookspecs import hookimpl
+from cass_plugins.core.config import resolve_config
 from conftest import make_tiny_clip, make_tiny_vfm
 
 SCALES = (0.25, 0.37, 0.5, 0.63, 0.75, 0.87, 1.0)
@@ -318,7 +318,7 @@ def test_presets_and_ablation_are_configurations():
     assert resolve_config("cdam-paper").cdam_threshold_granularity == "image"
     rows = [resolve_config("cdam-sclip", "voc21", **row) for row in CDAM_ABLATION.values()]
     assert [r.cdam for r in rows] == [False, True, True, True, True]
-    comps = [CDAM.from_config(r) for r in rows[1:]]
+    comps = [CDAM(r["cdam"]) for r in rows[1:]]
     assert [(c.multiscale, c.atp, c.entropy_threshold) for c in comps] == [
         (False, False, False), (True, False, False), (True, True, False), (True, True, True)]
     assert set(CDAM_PRESETS) == {"cdam-maskclip", "cdam-sclip", "cdam-clearclip", "cdam-paper"}
@@ -359,7 +359,7 @@ def test_segmenter_end_to_end_entropy_threshold(tiny_text_model, granularity):
     """A real photo (chelsea) through Segmenter(preset="cdam-sclip"); the threshold of §10 reaches the labels (§11)."""
     from skimage import data
 
-    from cass_plugins.segmenter import Segmenter
+    from cass_plugins.pipeline.segmenter import Segmenter
 
     spy = WindowSpy()
     vocab = "background; cat; grass; wall"
@@ -386,7 +386,7 @@ def test_segmenter_end_to_end_entropy_threshold(tiny_text_model, granularity):
 def test_segmenter_no_background_dataset_keeps_argmax(tiny_text_model):
     from skimage import data
 
-    from cass_plugins.segmenter import Segmenter
+    from cass_plugins.pipeline.segmenter import Segmenter
 
     with Segmenter(tiny_text_model, preset="cdam-clearclip", dataset="ade20k", vocabulary="cat; grass; wall",
                    short_side=160, crop=160, stride=160) as seg:
@@ -401,9 +401,9 @@ def test_full_size_random_vit_b16_end_to_end(monkeypatch):
     import open_clip
     from skimage import data
 
-    import cass_plugins.segmenter as segmenter_module
-    from cass_plugins.segmenter import Segmenter
-    from cass_plugins.text import encode_text
+    import cass_plugins.pipeline.segmenter as segmenter_module
+    from cass_plugins.pipeline.segmenter import Segmenter
+    from cass_plugins.pipeline.text import encode_text
 
     # One template instead of 80: the 12-layer text tower on (K + 80)·80 prompts would take minutes on a CPU.
     monkeypatch.setattr(segmenter_module, "encode_text", functools.partial(encode_text, templates=("a photo of a {}.",)))
@@ -426,12 +426,12 @@ def test_segmenter_with_cass_components_and_cdam(tiny_text_model):
     """CASS (NACLIP + spectral distillation + OPS + OTA) with CDAM on top runs end to end on a real photo."""
     from skimage import data
 
-    from cass_plugins.segmenter import Segmenter
+    from cass_plugins.pipeline.segmenter import Segmenter
 
     spy = WindowSpy()
     with Segmenter(tiny_text_model, make_tiny_vfm(), preset="cass-official", vocabulary="background; cat; grass",
                    cdam=True, short_side=160, crop=160, stride=160, plugins=[spy]) as seg:
-        assert {"spectral", "presence_prior", "ota", "cdam"} <= {n for n, _ in seg.handle.pm.list_name_plugin()}
+        assert {"spectral", "ops", "ota", "cdam"} <= {n for n, _ in seg.handle.pm.list_name_plugin()}
         result = seg.segment(data.chelsea())
     assert result.record["matching"] and len(spy.windows) == 2
     (_, last), = [w for w in spy.windows if w[0] == max(c for c, _ in spy.windows)]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cass_plugins import cdam
+from cass_plugins.adapters import cdam_math as cdam
 
 LN2 = math.log(2.0)
 

@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 from skimage import data
 
-import cass_plugins.cli as cli
-from cass_plugins.segmenter import Segmenter
+import cass_plugins
+import cass_plugins.cli.common as cli_common
+import cass_plugins.cli.segment as cli
+from cass_plugins.pipeline.segmenter import Segmenter
 from conftest import TINY_CLIP, _register_tiny_clip, make_tiny_clip, make_tiny_vfm
 
 CLASSES = "cat, kitten; dog; sky, clouds; grass"
@@ -63,12 +65,14 @@ def test_print_config_reflects_dataset_and_set(capsys):
                      "matching=[0,1,2,3,4,5,6,7,8,9,10,11]"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     # cityscapes values (cass.md §7) where not overridden, the --set values where they are
-    assert cfg["dataset"] == "cityscapes" and cfg["short_side"] == 560 and cfg["prior_source"] == "crop"
-    assert cfg["eigenscaling"] is False and cfg["alpha"] == 0.03 and cfg["h_threshold"] == 0.14
-    assert cfg["gamma"] == 0.33 and cfg["lowrank"] == "exact" and cfg["matching"] == list(range(12))
+    pipe, spec = cfg["pipeline"], cfg["spectral"]
+    assert pipe["dataset"] == "cityscapes" and pipe["short_side"] == 560 and pipe["prior_source"] == "crop"
+    assert spec["eigenscaling"] is False and cfg["ota"]["alpha"] == 0.03 and cfg["ota"]["h_threshold"] == 0.14
+    assert cfg["ops"]["gamma"] == 0.33 and spec["lowrank"] == "exact" and spec["matching"] == list(range(12))
     assert cli.main(["--print-config", "--dataset", "voc21", "--vfm", "none"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    assert cfg["mode"] == "whole" and cfg["prob_thd"] == 0.1 and cfg["spectral"] is False
+    assert cfg["pipeline"]["mode"] == "whole" and cfg["pipeline"]["prob_thd"] == 0.1
+    assert cfg["components"] == ["ops", "ota"]
 
 
 def test_print_config_rejects_unknown_keys_and_datasets(capsys):
@@ -81,27 +85,25 @@ def test_print_config_rejects_unknown_keys_and_datasets(capsys):
 
 
 @pytest.mark.parametrize(
-    "flags",
+    "flags,api",
     [
-        [],
-        ["--dataset", "voc21"],
-        ["--dataset", "cityscapes", "--set", "gamma=0.5", "fusion_lambda=1.0"],
-        ["--preset", "cass-paper", "--dataset", "ade20k"],
-        ["--baseline", "sclip", "--set", "spectral=False"],
-        ["--vfm", "none"],
+        ([], {}),
+        (["--dataset", "voc21"], {"dataset": "voc21"}),
+        (["--dataset", "cityscapes", "--set", "gamma=0.5", "spectral.fusion_lambda=1"],
+         {"dataset": "cityscapes", "gamma": 0.5, "spectral": {"fusion_lambda": 1.0}}),
+        (["--preset", "cass-paper", "--dataset", "ade20k"], {"preset": "cass-paper", "dataset": "ade20k"}),
+        (["--baseline", "sclip", "--set", "spectral=False"], {"baseline": "sclip", "spectral": False}),
+        (["--baseline", "sclip", "--components", "spectral,ota"], {"baseline": "sclip", "components": ["spectral", "ota"]}),
+        (["--vfm", "none"], {"spectral": False, "vfm": None}),
     ],
 )
-def test_printed_config_is_the_one_the_segmenter_uses(flags, capsys):
-    """--print-config loads no model; what it prints must still be what patch_clip resolves."""
+def test_printed_config_is_the_one_the_segmenter_uses(flags, api, capsys):
+    """--print-config loads no model; what it prints must be what the same request through the Python API gives."""
     assert cli.main(["--print-config", *flags]) == 0
     printed = json.loads(capsys.readouterr().out)
-    args = cli.build_parser().parse_args(flags)
-    overrides = cli.parse_overrides(args.set)
-    vfm = None if args.vfm.lower() == "none" else make_tiny_vfm()
-    if vfm is None:
-        overrides.setdefault("spectral", False)
-    with Segmenter(make_tiny_clip(), vfm, preset=args.preset, dataset=args.dataset, baseline=args.baseline,
-                   **overrides) as seg:
+    api = dict(api)
+    vfm = api.pop("vfm") if "vfm" in api else make_tiny_vfm()
+    with Segmenter(make_tiny_clip(), vfm, **api) as seg:
         assert json.loads(seg.describe()) == printed
 
 
@@ -110,7 +112,7 @@ def test_printed_config_is_the_one_the_segmenter_uses(flags, capsys):
 def tiny_models(monkeypatch):
     """``--clip cass-tiny-vit --pretrained random`` goes through load_clip; the VFM loader returns a tiny ViT."""
     _register_tiny_clip()
-    monkeypatch.setattr(cli, "load_vfm", lambda name, weights, **kw: make_tiny_vfm())
+    monkeypatch.setattr(cli_common, "load_vfm", lambda name, weights, **kw: make_tiny_vfm())
     return ["--clip", TINY_CLIP, "--pretrained", "random", "--vfm", "tiny", "--vfm-weights", "random",
             "--device", "cpu", "--set", "short_side=64", "crop=64", "stride=32", "--"]
 
@@ -133,7 +135,7 @@ def test_several_images_progress_bar_and_outputs(tiny_models, tmp_path, capsys):
     summary = check_outputs(out, "astronaut", images["astronaut"], 4)
     check_outputs(out, "chelsea_1", np.repeat(gray[:, :, None], 3, axis=2), 4)
     assert summary["classes"] == ["cat", "dog", "sky", "grass"]
-    assert summary["synonyms"][0] == ["cat", "kitten"] and summary["config"]["short_side"] == 64
+    assert summary["synonyms"][0] == ["cat", "kitten"] and summary["config"]["pipeline"]["short_side"] == 64
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{s}{suffix}" for s in ("chelsea", "astronaut", "chelsea_1") for suffix in ("_overlay.png", "_labels.png", ".json")
     )
@@ -209,7 +211,7 @@ def test_bad_image_among_many_is_skipped(tiny_models, tmp_path, capsys):
 
 
 def test_failed_write_leaves_no_partial_set_and_debug_shows_traceback(tiny_models, tmp_path, capsys, monkeypatch):
-    import cass_plugins.visualize as visualize
+    import cass_plugins.pipeline.visualize as visualize
 
     Image.fromarray(data.chelsea()[::4, ::4]).save(tmp_path / "a.png")
     out = tmp_path / "out"
@@ -229,12 +231,12 @@ def test_failed_write_leaves_no_partial_set_and_debug_shows_traceback(tiny_model
 
 
 def test_runtime_error_is_one_line_exit_1(tiny_models, tmp_path, capsys, monkeypatch):
-    from cass_plugins.loading import WeightsUnavailableError
+    from cass_plugins.backbone.loading import WeightsUnavailableError
 
     def offline(*a, **k):
         raise WeightsUnavailableError("could not obtain open_clip weights;\noffline? pass local files")
 
-    monkeypatch.setattr(cli, "load_clip", offline)
+    monkeypatch.setattr(cli_common, "load_clip", offline)
     Image.fromarray(data.chelsea()[::4, ::4]).save(tmp_path / "a.png")
     with pytest.raises(SystemExit) as info:
         cli.main(["--classes", "cat", "--out", str(tmp_path / "o"), str(tmp_path / "a.png")])
@@ -271,7 +273,7 @@ def test_json_records_models_checkpoints_and_versions(tiny_models, tmp_path):
     assert summary["models"]["pretrained"] == {
         "file": "clip.pth", "sha256": hashlib.sha256(clip_file.read_bytes()).hexdigest()}
     assert summary["models"]["vfm_weights"] == {"tag": "random"}
-    assert summary["versions"]["torch"] == torch.__version__ and summary["versions"]["cass_plugins"] == "0.1.0"
+    assert summary["versions"]["torch"] == torch.__version__ and summary["versions"]["cass_plugins"] == cass_plugins.__version__
     assert summary["device"] == "cpu" and summary["precision"] == "fp32"
 
 
@@ -315,5 +317,5 @@ def test_full_size_random_checkpoints_on_a_photo(tmp_path, capsys):
                      "--clip", "ViT-B-16", "--pretrained", str(clip_file), "--vfm", "vit_base_patch8_224",
                      "--vfm-weights", str(vfm_file), "--device", "cpu", "--out", str(out)]) == 0
     summary = check_outputs(out, "astronaut", decoded, 2)
-    assert summary["config"]["short_side"] == 336 and summary["config"]["spectral"] is True
+    assert summary["config"]["pipeline"]["short_side"] == 336 and "spectral" in summary["config"]["components"]
     assert "wrote 3 files" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cass_plugins.datasets import (
+from cass_plugins.evaluation.datasets import (
     DATASETS,
     SegmentationDataset,
     coco_object_lut,

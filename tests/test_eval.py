@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cass_plugins.cli import parse_overrides
 import torch
 from PIL import Image
 
-from cass_plugins.eval import evaluate, format_paper_table, main
-from cass_plugins.segmenter import Segmenter
-from cass_plugins.vocabulary import Vocabulary
+from cass_plugins.evaluation.runner import evaluate, format_paper_table, main
+from cass_plugins.pipeline.segmenter import Segmenter
+from cass_plugins.pipeline.vocabulary import Vocabulary
 from conftest import make_tiny_clip, make_tiny_vfm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +121,7 @@ def test_scores_match_independent_confusion_matrix(models, voc: Path) -> None:
     assert [g for g in got if g is not None] == pytest.approx([r for r in ref["IoU"] if r is not None], abs=1e-9)
     assert list(section["IoU"])[:2] == ["background", "aeroplane"]
     assert section["scored"] == NAMES[:4]
-    assert section["config"]["dataset"] == "voc21" and section["config"]["short_side"] == 64
+    assert section["config"]["pipeline"]["dataset"] == "voc21" and section["config"]["pipeline"]["short_side"] == 64
 
 
 def test_resume_scores_only_new_images_and_equals_one_run(models, voc: Path, tmp_path: Path, count_segment) -> None:
@@ -144,7 +143,7 @@ def test_resume_scores_only_new_images_and_equals_one_run(models, voc: Path, tmp
     # ... unless the stored result is discarded.
     section = evaluate(models, "voc21", voc, limit=1, out=out, overrides={**FAST, "gamma": 0.5}, progress=False,
                        restart=True)
-    assert section["scored"] == NAMES[:1] and section["config"]["gamma"] == 0.5
+    assert section["scored"] == NAMES[:1] and section["config"]["ops"]["gamma"] == 0.5
 
 
 def test_interrupted_run_resumes_from_checkpoint(models, voc: Path, tmp_path: Path, monkeypatch) -> None:
@@ -203,11 +202,6 @@ def test_vocabulary_must_fit_dataset(models, voc: Path) -> None:
         evaluate(models, "voc21", voc, vocabulary="cat; dog", progress=False)
 
 
-def test_parse_set_values() -> None:
-    parsed = parse_overrides(["a=0.1", "b=none", "c=False", "d=energy", "e=[0, 1]", "f=(2,3)", "g=true"])
-    assert parsed == {"a": 0.1, "b": None, "c": False, "d": "energy", "e": [0, 1], "f": (2, 3), "g": True}
-
-
 def test_paper_table_order_and_average() -> None:
     def sec(name: str, miou: float, complete: bool = True) -> dict:
         return {"display_name": name, "mIoU": miou, "aAcc": 90.0, "complete": complete, "num_images": 1,
@@ -257,7 +251,7 @@ def _run_full_size(voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     import open_clip
     import timm
 
-    import cass_plugins.segmenter as segmenter_module
+    import cass_plugins.pipeline.segmenter as segmenter_module
 
     torch.manual_seed(0)
     clip_ckpt, vfm_ckpt = tmp_path / "clip_random.pt", tmp_path / "vfm_random.pt"
@@ -275,7 +269,7 @@ def _run_full_size(voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     text = capsys.readouterr().out
     assert '"baseline": "naclip"' in text and "| aAcc | mIoU | mAcc |" in text
     section = json.loads(out.read_text())["datasets"]["voc21"]
-    assert section["scored"] == NAMES[:2] and section["config"]["mode"] == "whole"
+    assert section["scored"] == NAMES[:2] and section["config"]["pipeline"]["mode"] == "whole"
     assert section["models"]["clip"]["parameters"] > 100_000_000
     assert section["models"]["flags"]["pretrained"] == str(clip_ckpt)
     assert 0.0 <= section["mIoU"] <= 100.0

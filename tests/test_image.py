@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cass_plugins.image import (
+from cass_plugins.pipeline.image import (
     CLIP_MEAN_255,
     CLIP_STD_255,
     IMAGENET_MEAN,

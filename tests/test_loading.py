@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from cass_plugins.loading import CheckpointError, describe_vit, load_clip, load_vfm, read_checkpoint
+from cass_plugins.backbone.loading import CheckpointError, describe_vit, load_clip, load_vfm, read_checkpoint
 from conftest import TINY_CLIP, TINY_CLIP_CFG, _register_tiny_clip, make_tiny_clip, make_tiny_vfm
 
 GELU_NAME = "cass-tiny-gelu"
@@ -146,7 +146,7 @@ def test_openai_checkpoint_switches_to_quickgelu(tmp_path, caplog):
     path = tmp_path / "clip_export.pth"  # nothing in the name: the OpenAI export keys tell
     torch.save(state, path)
     assert not _uses_quickgelu(open_clip.create_model(GELU_NAME, pretrained=None))
-    with caplog.at_level(logging.INFO, logger="cass_plugins.loading"):
+    with caplog.at_level(logging.INFO, logger="cass_plugins.backbone.loading"):
         model, _ = load_clip(GELU_NAME, path)
     assert _uses_quickgelu(model)
     assert f"using {GELU_NAME}-quickgelu" in caplog.text
@@ -180,7 +180,7 @@ def test_offline_error_names_both_flags_and_random(monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(open_clip, "create_model", no_network)
-    from cass_plugins.loading import WeightsUnavailableError
+    from cass_plugins.backbone.loading import WeightsUnavailableError
 
     with pytest.raises(WeightsUnavailableError) as info:
         load_clip("ViT-B-16", "openai")

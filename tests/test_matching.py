@@ -1,4 +1,4 @@
-"""cass_plugins.matching against hand-worked costs and brute-force enumeration (cass.md §2.7, §6, §9, §10)."""
+"""cass_plugins.cass.matching against hand-worked costs and brute-force enumeration (cass.md §2.7, §6, §9, §10)."""
 from __future__ import annotations
 
 import itertools
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cass_plugins.matching import HeadMatching, match_heads
+from cass_plugins.cass.matching import HeadMatching, match_heads
 
 # Unique optimum, hand-enumerated (assignment = VFM row per CLIP column, total):
 # (0,1,2) 1+2+3=6 | (1,0,2) 4+5+3=12 | (2,1,0) 8+2+6=16 | (0,2,1) 1+9+7=17 | (1,2,0) 4+9+6=19 | (2,0,1) 8+5+7=20
@@ -219,15 +219,15 @@ def test_single_head_margin_inf() -> None:
 
 def test_tie_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
     cost = _additive(4, 4, seed=5)
-    with caplog.at_level(logging.DEBUG, logger="cass_plugins.matching"):
+    with caplog.at_level(logging.DEBUG, logger="cass_plugins.cass.matching"):
         match_heads(cost, solve_dtype=torch.float64)
-    records = [r for r in caplog.records if r.name == "cass_plugins.matching"]
+    records = [r for r in caplog.records if r.name == "cass_plugins.cass.matching"]
     assert records and all(r.levelno == logging.DEBUG for r in records)
     assert "margin" in records[0].getMessage()
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="cass_plugins.matching"):
+    with caplog.at_level(logging.DEBUG, logger="cass_plugins.cass.matching"):
         match_heads(C3)
-    assert not [r for r in caplog.records if r.name == "cass_plugins.matching"]
+    assert not [r for r in caplog.records if r.name == "cass_plugins.cass.matching"]
 
 
 # Asymmetric hand-worked costs whose optimal pairing is a cycle (not its own inverse), so the official reading

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cass_plugins.metrics import IoUAccumulator
+from cass_plugins.evaluation.metrics import IoUAccumulator
 
 NAN = float("nan")
 

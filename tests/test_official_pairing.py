@@ -16,7 +16,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import cass_plugins as cp
-from cass_plugins import spectral
+from cass_plugins.cass import spectral
 from conftest import make_tiny_clip, make_tiny_vfm
 
 H = 4  # heads of the tiny CLIP and VFM
@@ -151,7 +151,7 @@ def test_bad_matching_values_refused_at_patch_time(tiny_clip, tiny_vfm, bad) -> 
 
 
 def test_segmenter_records_every_window_and_the_clusters(tiny_clip, tiny_vfm) -> None:
-    from cass_plugins.windows import window_grid
+    from cass_plugins.pipeline.windows import window_grid
 
     image = (torch.rand(3, 80, 160) * 255).to(torch.uint8)
     kw = dict(short_side=64, crop=64, stride=32, window_batch=2, lowrank="exact")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cass_plugins.ota import TextEmbeddingAdjuster
+from cass_plugins.cass.ota import TextEmbeddingAdjuster
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cass_plugins.pamr as pamr_module
-from cass_plugins.pamr import PAMR, apply_pamr
+import cass_plugins.pipeline.pamr as pamr_module
+from cass_plugins.pipeline.pamr import PAMR, apply_pamr
 
 
 def _offsets(d: int) -> list[tuple[int, int]]:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import cass_plugins as cp
-from cass_plugins.plugins import REGISTRY, hookimpl, load_entry_point_plugins
+from cass_plugins.core.hookspecs import hookimpl
 from conftest import make_tiny_vfm
 from test_backbone import ALL_CLIPS, native_size
 
@@ -164,39 +164,6 @@ def test_third_party_component_plugin_changes_output(tiny_clip: nn.Module) -> No
             scaled = cp.encode_dense(tiny_clip, x).features
             assert "user-0" in [h.pm.get_name(p) for p in h.pm.get_plugins()]
     assert not torch.allclose(base, scaled)
-
-
-def test_entry_point_plugins_are_discovered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A package exposing the `cass_plugins` entry-point group can register a baseline."""
-    import importlib.metadata as md
-    import sys
-    import types
-
-    import cass_plugins.plugins as plugins_mod
-    from adapters.naclip import NACLIP
-
-    mod = types.ModuleType("fake_cass_ext")
-
-    class Renamed(NACLIP):
-        name = "fake-naclip"
-
-    @hookimpl
-    def cass_register(registry) -> None:  # noqa: ANN001
-        registry.add_baseline("fake-naclip", Renamed)
-
-    mod.cass_register = cass_register
-    monkeypatch.setitem(sys.modules, "fake_cass_ext", mod)
-
-    class FakeDist:
-        metadata = {"name": "fake-cass-ext"}
-        entry_points = [md.EntryPoint(name="fake", value="fake_cass_ext", group="cass_plugins")]
-        version = "0"
-
-    monkeypatch.setattr(md, "distributions", lambda: [FakeDist()])
-    monkeypatch.setattr(plugins_mod, "_ENTRY_POINTS_LOADED", False)
-    monkeypatch.setattr(REGISTRY, "baselines", dict(REGISTRY.baselines))
-    assert load_entry_point_plugins() == 1
-    assert REGISTRY.baseline("fake-naclip") is Renamed
 
 
 def test_spectral_hook_attach_shorthand(tiny_clip: nn.Module, tiny_vfm: nn.Module) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cass_plugins.postprocess import logits_to_labels, upsample_logits
+from cass_plugins.pipeline.postprocess import logits_to_labels, upsample_logits
 
 
 def _softmax_np(x: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -209,7 +209,7 @@ def test_chunk_pixels_must_be_positive():
 
 _MEMORY_SCRIPT = """
 import resource, sys, torch
-from cass_plugins.postprocess import logits_to_labels
+from cass_plugins.pipeline.postprocess import logits_to_labels
 q, h, w, chunk = (int(a) for a in sys.argv[1:5])
 torch.set_num_threads(2)
 logits = torch.empty(q, h, w).uniform_(-0.1, 0.3)

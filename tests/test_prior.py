@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cass_plugins.prior import PresencePriorHead
+from cass_plugins.cass.prior import PresencePriorHead
 
 
 def _cos64(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,12 +15,12 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 from skimage import data
 
-from cass_plugins.image import CLIP_MEAN_255, CLIP_STD_255
-from cass_plugins.loading import WeightsUnavailableError, load_clip, load_vfm
-from cass_plugins.patch import encode_dense, get_patch, patch_clip
-from cass_plugins.segmenter import Segmenter
-from cass_plugins.vocabulary import Vocabulary
-from cass_plugins.windows import window_grid
+from cass_plugins.pipeline.image import CLIP_MEAN_255, CLIP_STD_255
+from cass_plugins.backbone.loading import WeightsUnavailableError, load_clip, load_vfm
+from cass_plugins.core.patch import encode_dense, get_patch, patch_clip
+from cass_plugins.pipeline.segmenter import Segmenter
+from cass_plugins.pipeline.vocabulary import Vocabulary
+from cass_plugins.pipeline.windows import window_grid
 from conftest import make_tiny_clip, make_tiny_vfm
 
 VOCAB = "cat, kitten; dog, puppy; sky; grass, lawn"  # 4 classes, 7 queries
@@ -90,13 +90,13 @@ def ref_class_probs(logits: torch.Tensor, vocab: Vocabulary, scale: float = 40.0
 
 def normalised_input(image, short_side) -> torch.Tensor:
     """The resized, CLIP-normalised input via the independently tested image functions."""
-    from cass_plugins.image import clip_normalize, load_image, resize_short_side
+    from cass_plugins.pipeline.image import clip_normalize, load_image, resize_short_side
 
     return clip_normalize(resize_short_side(load_image(image), short_side))[None]
 
 
 def text64(clip, vocab) -> torch.Tensor:
-    from cass_plugins.text import default_tokenizer, encode_text
+    from cass_plugins.pipeline.text import default_tokenizer, encode_text
 
     return encode_text(clip, default_tokenizer(None), vocab).double()
 
@@ -226,7 +226,7 @@ def test_whole_mode_equals_float64_reference_and_single_window_slide(models, che
 
 
 def test_prior_once_per_image_vfm_once_per_window_and_batching(models, chelsea, monkeypatch):
-    import cass_plugins.segmenter as segmenter_module
+    import cass_plugins.core.patch as segmenter_module  # where the handle computes the prior
 
     clip, vfm = models
     calls = {"image_embedding": 0}
@@ -435,7 +435,7 @@ def offline(monkeypatch, tmp_path):
     """No network and an empty weights cache, whatever the machine (the code path of an offline machine)."""
     import huggingface_hub.constants as hub
 
-    import cass_plugins.loading as loading
+    import cass_plugins.backbone.loading as loading
 
     monkeypatch.setattr(loading, "_hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))

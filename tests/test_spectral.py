@@ -1,4 +1,4 @@
-"""cass_plugins.spectral against float64 references written straight from the spec (cass.md §1.1, §2, §9)."""
+"""cass_plugins.cass.spectral against float64 references written straight from the spec (cass.md §1.1, §2, §9)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import wasserstein_distance
 
-from cass_plugins.spectral import (
+from cass_plugins.cass.spectral import (
     attention_graph,
     distill_vfm_graph,
     eigenscale,

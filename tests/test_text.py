@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from cass_plugins.templates import IMAGENET_TEMPLATES
-from cass_plugins.text import TextEmbeddingCache, default_tokenizer, encode_text
-from cass_plugins.vocabulary import Vocabulary
+from cass_plugins.pipeline.templates import IMAGENET_TEMPLATES
+from cass_plugins.pipeline.text import TextEmbeddingCache, default_tokenizer, encode_text
+from cass_plugins.pipeline.vocabulary import Vocabulary
 from conftest import TINY_CLIP, make_tiny_clip
 
 

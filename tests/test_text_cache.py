@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cass_plugins import cache as cache_module
-from cass_plugins.cache import DiskTextCache, cache_dir, text_tower_hash, tokenizer_hash
-from cass_plugins.text import TextEmbeddingCache, _progress_bar, default_tokenizer, encode_text
+from cass_plugins.pipeline import cache as cache_module
+from cass_plugins.pipeline.cache import DiskTextCache, cache_dir, text_tower_hash, tokenizer_hash
+from cass_plugins.pipeline.text import TextEmbeddingCache, _progress_bar, default_tokenizer, encode_text
 from conftest import TINY_CLIP, make_tiny_clip
 
 TEMPLATES = ("a photo of a {}.", "itap of my {}.", "a {} in a video game.")
@@ -283,7 +283,7 @@ def test_disk_cache_store_merges(tmp_path) -> None:
 
 
 def test_segmenter_text_cache_flag(cdir) -> None:
-    from cass_plugins.segmenter import Segmenter
+    from cass_plugins.pipeline.segmenter import Segmenter
 
     clip = make_tiny_clip(seed=7)
     with Segmenter(clip, None, vocabulary="cat; dog", spectral=False, text_cache=False) as seg:
@@ -295,7 +295,7 @@ def test_segmenter_text_cache_flag(cdir) -> None:
 
 
 def test_cli_no_cache_flag() -> None:
-    from cass_plugins.cli import build_parser
+    from cass_plugins.cli.segment import build_parser
 
     assert build_parser().parse_args(["img.png", "--no-cache"]).no_cache is True
     assert build_parser().parse_args(["img.png"]).no_cache is False

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cass_plugins.visualize import _font_for, legend_font_size, legend_overlay, missing_glyphs, save_label_map
+from cass_plugins.pipeline.visualize import _font_for, legend_font_size, legend_overlay, missing_glyphs, save_label_map
 
 
 def test_label_map_over_255_classes_is_16_bit(tmp_path):
@@ -39,11 +39,11 @@ def test_dejavu_covers_latin_greek_cyrillic_not_cjk():
 
 
 def test_missing_glyph_warning_names_the_class(caplog, monkeypatch):
-    import cass_plugins.visualize as vis
+    import cass_plugins.pipeline.visualize as vis
 
     monkeypatch.setattr(vis, "_system_fonts", lambda: ())  # as on a machine without CJK fonts
     labels = np.repeat(np.arange(3), 20).reshape(6, 10)
-    with caplog.at_level(logging.WARNING, logger="cass_plugins.visualize"):
+    with caplog.at_level(logging.WARNING, logger="cass_plugins.pipeline.visualize"):
         img = legend_overlay(np.zeros((6, 10, 3), np.uint8), labels, ["sofá", "猫", "dog"])
     assert "'猫'" in caplog.text and "sofá" not in caplog.text
     assert img.width > 10

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cass_plugins.vocabulary import BUILTIN_VOCABULARIES, Vocabulary
+from cass_plugins.pipeline.vocabulary import BUILTIN_VOCABULARIES, Vocabulary
 
 CLASSES_DIR = Path(__file__).resolve().parents[1] / "cass_plugins" / "data" / "classes"
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cass_plugins.windows import SlidingWindowAccumulator, iter_window_batches, window_grid
+from cass_plugins.pipeline.windows import SlidingWindowAccumulator, iter_window_batches, window_grid
 
 
 def test_hand_worked_grids():

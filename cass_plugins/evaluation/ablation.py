@@ -1,6 +1,6 @@
 """CASS's component ablation (Table 3, cass.md §8) as named configurations, and ``cass-ablate`` to run them.
 
-Each row is a set of :class:`~cass_plugins.presets.Config` overrides applied over the method preset
+Each row is a set of :class:`~cass_plugins.core.config.Config` overrides applied over the method preset
 (``cass-official`` by default) and its dataset values. A row switches components *off*; what it leaves unset is the
 preset's value, so the rows follow the preset (e.g. ``cass-paper``'s energy low rank, or ``eigenscaling=False`` in
 the VOC20 and Cityscapes values of ``cass-official``).
@@ -110,8 +110,8 @@ def resolve_rows(rows: str | Iterable[str] | None) -> list[str]:
 
 
 def ablation_config(row: str, preset: str = "cass-official", dataset: str | None = None, **overrides: Any):
-    """The resolved :class:`~cass_plugins.presets.Config` of one row (preset + dataset values + row + overrides)."""
-    from .presets import resolve_config
+    """The resolved :class:`~cass_plugins.core.config.Config` of one row (preset + dataset values + row + overrides)."""
+    from cass_plugins.core.config import resolve_config
 
     (name,) = resolve_rows([row])
     return resolve_config(preset, dataset, **{**ABLATION_ROWS[name], **overrides})
@@ -177,14 +177,14 @@ def run_ablation(
     """Segment ``images`` with every row and measure time, agreement with the full model and (with labels) mIoU.
 
     Args:
-        clip_model: the CLIP model (patched and unpatched per row by :class:`~cass_plugins.segmenter.Segmenter`).
+        clip_model: the CLIP model (patched and unpatched per row by :class:`~cass_plugins.pipeline.segmenter.Segmenter`).
         vfm: the VFM; rows with spectral distillation need one.
         images: anything ``Segmenter.segment`` accepts (paths, PIL images, arrays, tensors); read once per row.
         rows: row names (default: all, in table order).
         vocabulary: the classes.
         labels: one ``(H, W)`` label map per image (255 = ignore) → the mIoU column.
         num_classes: classes of the metric (default: the vocabulary's).
-        preset, dataset, tokenizer, device, **overrides: as :class:`~cass_plugins.segmenter.Segmenter`; the
+        preset, dataset, tokenizer, device, **overrides: as :class:`~cass_plugins.pipeline.segmenter.Segmenter`; the
             overrides apply to every row (after the row's own).
         warmup: untimed ``segment`` calls on the first image before each row is timed.
         agreement: compare label maps with the full model (default: only when there are no labels). The full row is
@@ -194,9 +194,9 @@ def run_ablation(
     Returns:
         one :class:`AblationResult` per row, in table order.
     """
-    from .metrics import IoUAccumulator
-    from .segmenter import Segmenter
-    from .vocabulary import Vocabulary
+    from cass_plugins.evaluation.metrics import IoUAccumulator
+    from cass_plugins.pipeline.segmenter import Segmenter
+    from cass_plugins.pipeline.vocabulary import Vocabulary
 
     names = resolve_rows(rows)
     if labels is not None and len(labels) != len(images):
@@ -286,7 +286,7 @@ def format_table(results: Sequence[AblationResult], dataset: str | None = None) 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_model_arguments
+    from cass_plugins.cli.common import add_model_arguments
 
     p = argparse.ArgumentParser(
         prog="cass-ablate",
@@ -333,8 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``cass-ablate``: print the ablation table (see ``cass-ablate --help``)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .cli import models_from_args, parse_overrides
-    from .vocabulary import Vocabulary
+    from cass_plugins.cli.common import models_from_args
+    from cass_plugins.core.config import parse_overrides, resolve_config
+    from cass_plugins.pipeline.vocabulary import Vocabulary
 
     try:
         rows = resolve_rows(args.rows)
@@ -345,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_root is not None:
         if not args.dataset:
             raise SystemExit("error: --data-root needs --dataset (which benchmark the folder holds)")
-        from .datasets import SegmentationDataset
+        from cass_plugins.evaluation.datasets import SegmentationDataset
 
         data = SegmentationDataset(args.dataset, args.data_root)
         n = len(data) if args.limit is None else min(args.limit, len(data))
@@ -366,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vocabulary = Vocabulary.builtin(args.dataset_classes or args.dataset)
     else:
         raise SystemExit("error: give the classes (--classes, --classes-file, --dataset-classes or --dataset)")
-    overrides = parse_overrides(args.set)
+    overrides = parse_overrides(args.set, resolve_config(args.preset, args.dataset))
     clip, tokenizer, vfm = models_from_args(args)
     if vfm is None and any(ABLATION_ROWS[r].get("spectral") for r in rows):
         raise SystemExit("error: rows with the VFM graph need a VFM (--vfm); run --rows vanilla without one")

@@ -263,17 +263,26 @@ def to_vfm_normalization(
     clip_normalized: torch.Tensor,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    clip_mean: Sequence[float] = CLIP_MEAN_255,
+    clip_std: Sequence[float] = CLIP_STD_255,
 ) -> torch.Tensor:
     """Re-normalise a CLIP-normalised image for a vision foundation model (0–1 scale statistics).
 
-    Undoes CLIP's normalisation back to 0–255, divides by 255 and applies ``(x − mean) / std``. The three steps are
-    folded into one affine map whose coefficients are computed in float64 and applied in float64 (float32 on MPS,
-    which has no float64), so the result equals the step-by-step computation up to the output dtype's rounding.
+    Undoes CLIP's normalisation with ``clip_mean``/``clip_std`` (0–255 scale), divides by 255 and applies
+    ``(x − mean) / std``. The three steps are folded into one affine map whose coefficients are computed in float64
+    and applied in float64 (float32 on MPS, which has no float64), so the result equals the step-by-step
+    computation up to the output dtype's rounding.
+
+    The default undo constants are the exact inverse of :func:`clip_normalize` (CASS's rule). ProxyCLIP's code undoes
+    the normalisation with OpenAI CLIP's 0–1 constants instead (:data:`OPENAI_CLIP_MEAN`/``STD`` × 255): its
+    adapter passes those (docs/baselines.md, "VFM input rule").
 
     Args:
         clip_normalized: ``(3, H, W)`` or ``(B, 3, H, W)`` output of :func:`clip_normalize`.
         mean: the VFM's per-channel mean on the 0–1 scale (ImageNet's by default, as DINO / DINOv2).
         std: the VFM's per-channel std on the 0–1 scale.
+        clip_mean: the per-channel mean the crop is taken to be normalised with, 0–255 scale.
+        clip_std: the per-channel std, 0–255 scale.
 
     Returns:
         Tensor of the input's dtype and shape.
@@ -282,12 +291,12 @@ def to_vfm_normalization(
         raise ValueError(
             f"to_vfm_normalization expects (3, H, W) or (B, 3, H, W), got shape {tuple(clip_normalized.shape)}."
         )
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError("mean and std must have 3 entries (RGB).")
+    if any(len(v) != 3 for v in (mean, std, clip_mean, clip_std)):
+        raise ValueError("mean, std, clip_mean and clip_std must have 3 entries (RGB).")
     x = clip_normalized
     # y = ((x·σ_c + μ_c) / 255 − μ) / σ = x·a + b
-    a = [sc / (255.0 * s) for sc, s in zip(CLIP_STD_255, std)]
-    b = [(mc / 255.0 - m) / s for mc, m, s in zip(CLIP_MEAN_255, mean, std)]
+    a = [sc / (255.0 * s) for sc, s in zip(clip_std, std)]
+    b = [(mc / 255.0 - m) / s for mc, m, s in zip(clip_mean, mean, std)]
     # MPS has no float64; float32 there is still within ~1e-6 of the exact map.
     work = torch.float32 if x.device.type == "mps" else torch.float64
     y = x.to(work) * _channel_view(a, x, work) + _channel_view(b, x, work)

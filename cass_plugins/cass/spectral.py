@@ -629,7 +629,7 @@ def distill_vfm_graph(
         vfm_graph: (..., Hv, N, N) VFM graphs (all heads if ``assignment`` is given, else already
             matched (..., Hc, N, N)); may be None when ``vfm_keys`` and ``scale`` are given.
         clip_graph: (..., Hc, N, N) CLIP graphs A_c.
-        w: (Hc,) or (..., Hc) fusion weights (from :class:`cass_plugins.matching.HeadMatching`).
+        w: (Hc,) or (..., Hc) fusion weights (from :class:`cass_plugins.cass.matching.HeadMatching`).
         lam: λ (10 in ``cass-official``, 1 in ``cass-paper``).
         assignment: (Hc,) or (..., Hc) VFM head per CLIP head; None = inputs already matched.
         vfm_keys: (..., Hv|Hc, N, Dh_v) range-matched VFM keys (same head layout as ``vfm_graph``);

@@ -11,11 +11,31 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TextEmbeddingAdjuster"]
+from cass_plugins.core.hookspecs import TextContext, hookimpl
+from cass_plugins.core.patch import cosine_logits
+from cass_plugins.core.settings import Settings, setting
+
+__all__ = ["TextEmbeddingAdjuster", "OTAConfig", "TextAdjusterPlugin", "OTA_LEGACY_KEYS"]
+
+
+@dataclass(frozen=True)
+class OTAConfig(Settings):
+    """Settings of the object-guided text adjustment (``ota``); per-dataset values in docs/spec/cass.md §7."""
+
+    alpha: float = setting(0.02, range=(0.0, 1.0), doc="step of the adjusted query toward its top patches")
+    h_threshold: float = setting(0.1, range=(0.0, None), doc="Ward cut height of the query clustering")
+    top_n: int = setting(2, range=(1, None), doc="patches averaged per cluster")
+
+
+#: Flat keys of versions before 0.2.
+OTA_LEGACY_KEYS = {"alpha": "alpha", "h_threshold": "h_threshold", "top_n": "top_n"}
 
 
 class TextEmbeddingAdjuster:
@@ -157,25 +177,27 @@ class TextEmbeddingAdjuster:
 
     @staticmethod
     def logits(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of normalised patch features with normalised text.
+        """Cosine similarity of normalised patch features with normalised text
+        (:func:`~cass_plugins.core.patch.cosine_logits`)."""
+        return cosine_logits(features, text)
 
-        Args:
-            features: (B, N, d) or (B, gh, gw, d).
-            text: (Q, d), or (B, Q, d) per window (the output of :meth:`adjust`).
 
-        Returns:
-            (B, Q, N) or (B, Q, gh, gw), in the promoted dtype (at least float32).
-        """
-        spatial = features.shape[1:-1]
-        bsz, d = features.shape[0], features.shape[-1]
-        if text.shape[-1] != d or text.dim() not in (2, 3) or (text.dim() == 3 and text.shape[0] not in (1, bsz)):
-            raise ValueError(f"expected text (Q, d) or (B, Q, d) matching features {tuple(features.shape)}, "
-                             f"got {tuple(text.shape)}")
-        dtype = torch.promote_types(torch.promote_types(features.dtype, text.dtype), torch.float32)
-        f_norm = F.normalize(features.to(dtype).reshape(bsz, -1, d), dim=-1)
-        t_norm = F.normalize(text.to(device=features.device, dtype=dtype), dim=-1)
-        if t_norm.dim() == 2:
-            out = torch.einsum("bnd,qd->bqn", f_norm, t_norm)
-        else:
-            out = torch.einsum("bnd,bqd->bqn", f_norm, t_norm.expand(bsz, -1, -1))
-        return out.reshape(bsz, t_norm.shape[-2], *spatial)
+class TextAdjusterPlugin:
+    """OTA as a component (``components=["ota"]``): per-window text adjustment toward the top patches."""
+
+    def __init__(self, config: OTAConfig, runtime: Any = None) -> None:
+        self.config = config
+        self.adjuster = TextEmbeddingAdjuster(config.alpha, config.h_threshold, config.top_n)
+
+    @hookimpl
+    def cass_adjust_text(self, ctx: TextContext) -> None:
+        if ctx.prior is None:
+            raise RuntimeError("the presence prior was not computed; run through PatchHandle.logits or a Segmenter")
+        base = ctx.text[0] if ctx.text.dim() == 3 else ctx.text
+        clusters = self.adjuster.cluster(base, key=ctx.vocabulary.queries if ctx.vocabulary is not None else None)
+        ctx.text = self.adjuster.adjust(ctx.features, base, ctx.prior, clusters)
+        names = ctx.vocabulary.queries if ctx.vocabulary is not None else [str(i) for i in range(base.shape[0])]
+        groups: dict[int, list[str]] = {}
+        for query, label in zip(names, clusters.tolist()):
+            groups.setdefault(label, []).append(query)
+        ctx.record["ota_clusters"] = [tuple(groups[k]) for k in sorted(groups)]

@@ -115,13 +115,13 @@ DATASETS: dict[str, DatasetInfo] = {
     "coco_object": DatasetInfo(
         "coco_object", "Obj", 81, "coco_object", "coco_stuff164k", "images/val2017", "annotations/val2017",
         ".jpg", "_instanceTrainIds.png", None, False, True, 336, 5000,
-        "produced from the raw stuffthingmaps PNGs by cass_plugins.datasets.convert_coco_labels(root, 'object') "
+        "produced from the raw stuffthingmaps PNGs by cass_plugins.evaluation.datasets.convert_coco_labels(root, 'object') "
         "(same table as datasets/cvt_coco_object.py)",
     ),
     "coco_stuff164k": DatasetInfo(
         "coco_stuff164k", "Stuff", 171, "coco_stuff164k", "coco_stuff164k", "images/val2017", "annotations/val2017",
         ".jpg", "_labelTrainIds.png", None, False, False, 336, 5000,
-        "produced from the raw stuffthingmaps PNGs by cass_plugins.datasets.convert_coco_labels(root, 'stuff') "
+        "produced from the raw stuffthingmaps PNGs by cass_plugins.evaluation.datasets.convert_coco_labels(root, 'stuff') "
         "or mmseg's tools/dataset_converters/coco_stuff164k.py",
     ),
     "cityscapes": DatasetInfo(
@@ -217,7 +217,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """One benchmark's validation split read from its mmseg folder layout.
 
     Items are ``dict(name=str, image_path=Path, label_path=Path, label=LongTensor (H, W))`` where the label is
-    at the original resolution with 255 = ignore. Images are not decoded here (see ``cass_plugins.image``).
+    at the original resolution with 255 = ignore. Images are not decoded here (see ``cass_plugins.pipeline.image``).
 
     Args:
         name: registry name or alias (see :data:`DATASETS`).

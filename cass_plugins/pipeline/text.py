@@ -4,7 +4,7 @@ Only the text tower is touched (``model.encode_text``), so this works with open_
 models and any object exposing ``encode_text(tokens) -> (n, d)``.
 
 Results are cached twice: in memory per model object (:class:`TextEmbeddingCache`) and on disk per content hash
-of the text tower (:mod:`cass_plugins.cache`), so a second run of a program does not re-encode its vocabulary.
+of the text tower (:mod:`cass_plugins.pipeline.cache`), so a second run of a program does not re-encode its vocabulary.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from cass_plugins.cache import (
+from cass_plugins.pipeline.cache import (
     DiskTextCache, cache_disabled_by_env, make_key, text_tower_hash, text_tower_version, tokenizer_hash,
 )
-from cass_plugins.templates import IMAGENET_TEMPLATES
-from cass_plugins.vocabulary import Vocabulary
+from cass_plugins.pipeline.templates import IMAGENET_TEMPLATES
+from cass_plugins.pipeline.vocabulary import Vocabulary
 
 __all__ = [
     "encode_text", "default_tokenizer", "TextEmbeddingCache", "DEFAULT_BATCH_SIZE", "IMAGENET_TEMPLATES", "Vocabulary",
@@ -266,10 +266,10 @@ def encode_text(
             precision of the embeddings (cass.md §9). ``"model"`` runs it in its own dtype (the authors' fp16
             text tower); the normalising and averaging are done in float32 either way.
         cache: ``True`` (default): the in-memory :data:`DEFAULT_TEXT_CACHE` plus the on-disk cache
-            (:mod:`cass_plugins.cache`; queries already stored for this text tower, tokenizer, templates and
+            (:mod:`cass_plugins.pipeline.cache`; queries already stored for this text tower, tokenizer, templates and
             precision are loaded, only the others are encoded). A :class:`TextEmbeddingCache`: that one plus the
             disk. ``False``/``None``: no caching at all (nothing read or written).
-        cache_dir: folder of the on-disk cache; default: :func:`cass_plugins.cache.cache_dir`.
+        cache_dir: folder of the on-disk cache; default: :func:`cass_plugins.pipeline.cache.cache_dir`.
         progress: tqdm bar over the prompts on stderr. ``None`` (default): only when stderr is a terminal and
             the encoding is still running after a second; ``True``: always; ``False``: never.
 

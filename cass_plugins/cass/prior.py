@@ -1,13 +1,30 @@
-"""Object presence prior (OPS, cass.md §3): blend patch logits with the image-level text similarity."""
+"""Object presence prior (OPS; CASS §3.3, Eq. 8–9; docs/spec/cass.md §3): blend patch logits with the image-level
+text similarity."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PresencePriorHead"]
+from cass_plugins.core.hookspecs import LogitsContext, hookimpl
+from cass_plugins.core.patch import cosine_prior
+from cass_plugins.core.settings import Settings, setting
+
+__all__ = ["PresencePriorHead", "PresencePriorConfig", "PresencePriorPlugin", "PRIOR_LEGACY_KEYS"]
+
+
+@dataclass(frozen=True)
+class PresencePriorConfig(Settings):
+    """Settings of the presence prior (``ops``); per-dataset values in docs/spec/cass.md §7."""
+
+    gamma: float = setting(0.2, range=(0.0, 1.0), doc="γ of S* = (1 − γ)·S + γ·P")
+
+
+#: Flat keys of versions before 0.2.
+PRIOR_LEGACY_KEYS = {"gamma": "gamma"}
 
 
 class PresencePriorHead(nn.Module):
@@ -29,7 +46,7 @@ class PresencePriorHead(nn.Module):
 
     @staticmethod
     def prior(image_embedding: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each image embedding with each query (no softmax, no temperature).
+        """Cosine similarity of each image embedding with each query (:func:`~cass_plugins.core.patch.cosine_prior`).
 
         Args:
             image_embedding: (B, d) or (d,).
@@ -38,15 +55,7 @@ class PresencePriorHead(nn.Module):
         Returns:
             (B, Q) in the promoted dtype of the inputs (at least float32).
         """
-        if image_embedding.dim() == 1:
-            image_embedding = image_embedding.unsqueeze(0)
-        if image_embedding.dim() != 2 or text.dim() != 2 or image_embedding.shape[-1] != text.shape[-1]:
-            raise ValueError(f"expected image_embedding (B, d) and text (Q, d), got "
-                             f"{tuple(image_embedding.shape)} and {tuple(text.shape)}")
-        dtype = torch.promote_types(torch.promote_types(image_embedding.dtype, text.dtype), torch.float32)
-        img = F.normalize(image_embedding.to(dtype), dim=-1)
-        txt = F.normalize(text.to(device=img.device, dtype=dtype), dim=-1)
-        return img @ txt.T
+        return cosine_prior(image_embedding, text)
 
     def forward(self, logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """Blend ``logits`` (B, Q, ...) with ``prior`` (B, Q) or (1, Q), broadcast over the trailing dims.
@@ -69,3 +78,17 @@ class PresencePriorHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}"
+
+
+class PresencePriorPlugin:
+    """OPS as a component (``components=["ops"]``): blends each window's logits with the presence prior."""
+
+    def __init__(self, config: PresencePriorConfig, runtime: Any = None) -> None:
+        self.config = config
+        self.head = PresencePriorHead(config.gamma)
+
+    @hookimpl
+    def cass_refine_logits(self, ctx: LogitsContext) -> None:
+        if ctx.prior is None:
+            raise RuntimeError("the presence prior was not computed; run through PatchHandle.logits or a Segmenter")
+        ctx.logits = self.head(ctx.logits, ctx.prior)

@@ -4,9 +4,9 @@ Usage::
 
     cass-eval --dataset voc21 --dataset context60 --data-root data --clip ViT-B-16 --pretrained openai \\
         --vfm vit_base_patch8_224.dino --out results.json [--limit N] [--preset cass-official] [--set key=value ...]
-    torchrun --nproc_per_node 4 -m cass_plugins.eval --dataset ade20k --data-root data ... --out results.json
+    torchrun --nproc_per_node 4 -m cass_plugins.evaluation.runner --dataset ade20k --data-root data ... --out results.json
 
-Every image is segmented by a :class:`~cass_plugins.segmenter.Segmenter` built with ``dataset=<name>`` (the
+Every image is segmented by a :class:`~cass_plugins.pipeline.segmenter.Segmenter` built with ``dataset=<name>`` (the
 dataset's preset values, cass.md §7) and the dataset's packaged class file (``Vocabulary.builtin(name)``); the
 label map is scored against the original-resolution label with mmseg ``IoUMetric`` semantics (protocol.md §10).
 
@@ -38,13 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cli import parse_overrides
-from .datasets import DATASETS, SegmentationDataset, get_dataset_info
-from .metrics import IoUAccumulator
-from .plugins import load_plugins
-from .presets import resolve_config
-from .segmenter import Segmenter
-from .vocabulary import Vocabulary
+from cass_plugins.evaluation.datasets import DATASETS, SegmentationDataset, get_dataset_info
+from cass_plugins.evaluation.metrics import IoUAccumulator
+from cass_plugins.cli.common import parse_components, vfm_requested
+from cass_plugins.core.config import parse_overrides, resolve_config
+from cass_plugins.core.registry import REGISTRY
+from cass_plugins.pipeline.segmenter import Segmenter
+from cass_plugins.pipeline.vocabulary import Vocabulary
 
 __all__ = [
     "PAPER_ORDER",
@@ -56,7 +56,7 @@ __all__ = [
     "main",
 ]
 
-FORMAT = "cass_plugins.eval/1"
+FORMAT = "cass_plugins.evaluation.runner/1"
 
 #: Column order of the papers' main table (cass.md §8): V21 PC60 Obj V20 PC59 Stuff City ADE.
 PAPER_ORDER: tuple[str, ...] = (
@@ -373,15 +373,24 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(_jsonable(a), sort_keys=True) == json.dumps(_jsonable(b), sort_keys=True)
 
 
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested configuration sections as ``section.key`` entries."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _check_identity(what: str, stored: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
     for key in _IDENTITY_KEYS:
         if not _same(stored.get(key), identity[key]):
             detail = ""
             if key == "config" and isinstance(stored.get(key), Mapping):
-                diff = sorted(
-                    k for k in set(stored[key]) | set(identity[key])
-                    if not _same(stored[key].get(k), identity[key].get(k))
-                )
+                old, new = _flatten(stored[key]), _flatten(identity[key])
+                diff = sorted(k for k in set(old) | set(new) if not _same(old.get(k), new.get(k)))
                 detail = f" (differing keys: {diff})"
             raise ValueError(
                 f"{what} was produced with a different {key}{detail}; resuming would mix two evaluations. "
@@ -407,14 +416,15 @@ def evaluate(
     progress: bool = True,
     verbose: bool = False,
     checkpoint_every: int = 20,
+    text_cache: bool = True,
 ) -> dict[str, Any]:
     """Evaluate one dataset (resumable; sharded and all-reduced when a process group is initialised).
 
     Args:
         models: a :data:`SegmenterFactory` (``factory(dataset) -> Segmenter``), or the models: a CLIP
             ``nn.Module``, a ``(clip, vfm[, tokenizer])`` tuple, or a mapping / object with ``clip``, ``vfm`` and
-            ``tokenizer`` entries (e.g. what ``cass_plugins.cli.models_from_args`` returns).
-        dataset: benchmark name (see :data:`cass_plugins.datasets.DATASETS`).
+            ``tokenizer`` entries (e.g. what ``cass_plugins.cli.segment.models_from_args`` returns).
+        dataset: benchmark name (see :data:`cass_plugins.evaluation.datasets.DATASETS`).
         root: the dataset root or a data folder holding the conventional root.
         limit: score only the first ``limit`` images of the dataset (in the dataset's order).
         out: result JSON to resume from and write to (``None``: nothing is read or written).
@@ -429,6 +439,7 @@ def evaluate(
         progress: show a tqdm bar (rank 0 only).
         verbose: print the resolved configuration (rank 0 only).
         checkpoint_every: images between two checkpoints of this rank's progress (only with ``out``).
+        text_cache: use the on-disk text-embedding cache.
 
     Returns:
         the dataset's result section: ``mIoU``, ``aAcc``, ``mAcc``, ``pAcc``, per-class ``IoU`` / ``Acc``
@@ -457,7 +468,7 @@ def evaluate(
         raise ValueError(f"{info.name}: the image list names an image twice; names must be unique to resume")
     n = len(ds) if limit is None else min(limit, len(ds))
 
-    segmenter = _build_segmenter(models, info.name, preset, baseline, components, overrides, device)
+    segmenter = _build_segmenter(models, info.name, preset, baseline, components, overrides, device, text_cache)
     try:
         if vocab is None:
             # The preset says whose class files to use (ProxyCLIP ships its own VOC / COCO-Object files).
@@ -540,7 +551,7 @@ def _ordered(names: set[str], index: Mapping[str, int]) -> list[str]:
 
 def _build_segmenter(
     models: Any, dataset: str, preset: str, baseline: str | None, components: Sequence[str] | None,
-    overrides: Mapping[str, Any] | None, device: str | torch.device | None,
+    overrides: Mapping[str, Any] | None, device: str | torch.device | None, text_cache: bool = True,
 ) -> Segmenter:
     if _is_factory(models):
         segmenter = models(dataset)
@@ -549,19 +560,20 @@ def _build_segmenter(
         return segmenter
     clip, vfm, tokenizer = _unpack_models(models)
     overrides = dict(overrides or {})
-    load_plugins()
-    try:
-        resolve_config(preset, dataset)
-        ds_values: str | None = dataset
-    except ValueError:
+    ds_values = _dataset_values(preset, dataset)
+    if ds_values is None:
         # A preset without per-dataset values (e.g. a third-party baseline preset) still evaluates, with the
         # preset's own protocol values; say so, since short side / thresholds may then differ from the paper's.
         warnings.warn(f"preset {preset!r} has no {dataset!r} values; using the preset's defaults", stacklevel=3)
-        ds_values = None
     return Segmenter(
         clip, vfm, preset=preset, dataset=ds_values, baseline=baseline, components=components, tokenizer=tokenizer,
-        device=device, **overrides,
+        device=device, text_cache=text_cache, **overrides,
     )
+
+
+def _dataset_values(preset: str, dataset: str) -> str | None:
+    """``dataset`` when the preset has values for it, else ``None`` (the preset's own protocol values apply)."""
+    return dataset if dataset in REGISTRY.preset(preset).datasets else None
 
 
 def _load_state(
@@ -629,7 +641,7 @@ def _write_section(out: Path, section: Mapping[str, Any]) -> None:
 
 def _cli_models() -> tuple[Callable[[argparse.ArgumentParser], Any], Callable[[argparse.Namespace], Any]] | None:
     try:
-        from .cli import add_model_arguments, models_from_args
+        from cass_plugins.cli.common import add_model_arguments, models_from_args
     except ImportError:
         return None
     return add_model_arguments, models_from_args
@@ -649,15 +661,17 @@ def build_parser(with_model_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cass-official", help="method preset (default: cass-official)")
     p.add_argument("--baseline", default=None, help="last-block baseline (e.g. naclip)")
     p.add_argument("--components", default=None, metavar="LIST",
-                   help="CASS components to keep on, comma-separated from spectral,ops,ota, or 'none' "
-                        "(default: the preset's)")
+                   help="components to switch on, comma-separated (spectral, ops, ota, cdam, third-party ones), or "
+                        "'none' (default: the preset's)")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override any configuration key (see the printed config), e.g. --set pamr_steps=10")
+                   help="override a setting (section.key=value; see the printed config), e.g. --set pamr_steps=10 "
+                        "spectral.lowrank=exact")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N images per dataset")
     p.add_argument("--out", default=None, metavar="JSON",
                    help="result file; resumed if it exists (images already scored are skipped)")
     p.add_argument("--restart", action="store_true", help="discard stored results of the evaluated datasets")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk text-embedding cache")
     p.add_argument("--checkpoint-every", type=int, default=20, metavar="N",
                    help="images between two progress checkpoints (default 20)")
     p.add_argument("--dist-backend", default=None, choices=("nccl", "gloo"),
@@ -674,26 +688,12 @@ def build_parser(with_model_flags: bool = True) -> argparse.ArgumentParser:
 def _validate_config(preset: str, datasets: Sequence[str], baseline: str | None, components: Sequence[str] | None,
                      overrides: Mapping[str, Any]) -> None:
     """Fail on a bad preset / baseline / component / key before spending minutes loading models."""
-    from .patch import COMPONENTS
-    from .plugins import REGISTRY
-
-    load_plugins()
     for name in datasets:
-        try:
-            resolve_config(preset, name, **overrides)
-        except ValueError as e:
-            if not str(e).startswith("no "):  # only "no <dataset> values for preset ..." falls back
-                raise
-            resolve_config(preset, **overrides)
-    if baseline is not None:
-        REGISTRY.baseline(baseline)
-    unknown = sorted(set(components or ()) - set(COMPONENTS))
-    if unknown:
-        raise ValueError(f"unknown component(s) {unknown}; choose from {sorted(COMPONENTS)} or 'none'")
+        resolve_config(preset, _dataset_values(preset, name), baseline=baseline, components=components, **overrides)
 
 
 def main(argv: Sequence[str] | None = None, *, models: Any = None) -> int:
-    """Entry point of ``cass-eval`` (and of ``python -m cass_plugins.eval`` / ``torchrun -m cass_plugins.eval``).
+    """Entry point of ``cass-eval`` (and of ``python -m cass_plugins.evaluation.runner`` / ``torchrun -m cass_plugins.evaluation.runner``).
 
     Args:
         argv: command-line arguments (default: ``sys.argv[1:]``).
@@ -704,14 +704,20 @@ def main(argv: Sequence[str] | None = None, *, models: Any = None) -> int:
     parser = build_parser(with_model_flags=models is None)
     args = parser.parse_args(argv)
     if models is None and hooks is None:
-        parser.error("loading models needs cass_plugins.cli (add_model_arguments / models_from_args), which is not "
-                     "installed in this version; use cass_plugins.eval.evaluate() with model objects")
+        parser.error("loading models needs cass_plugins.cli.segment (add_model_arguments / models_from_args), which is not "
+                     "installed in this version; use cass_plugins.evaluation.runner.evaluate() with model objects")
     try:
-        overrides = parse_overrides(args.overrides)
-        components = None
-        if args.components is not None:
-            components = [] if args.components.strip().lower() in ("", "none") else [
-                c.strip() for c in args.components.split(",") if c.strip()]
+        components = parse_components(args.components)
+        base = resolve_config(args.preset, baseline=args.baseline, components=components)
+        if models is None and not vfm_requested(args):
+            # --vfm none: the components that need a VFM are off (naming one explicitly is an error below)
+            needing = [n for n in base.components if REGISTRY.component(n).needs_vfm]
+            if needing and components is not None:
+                raise ValueError(f"--components {','.join(needing)} need a VFM, but --vfm none was given")
+            if needing:
+                components = [n for n in base.components if n not in needing]
+                base = resolve_config(args.preset, baseline=args.baseline, components=components)
+        overrides = parse_overrides(args.overrides, base)
         names = [get_dataset_info(d).name for d in args.dataset]
         _validate_config(args.preset, names, args.baseline, components, overrides)
     except (KeyError, ValueError) as e:
@@ -734,7 +740,7 @@ def main(argv: Sequence[str] | None = None, *, models: Any = None) -> int:
                 models, name, args.data_root, limit=args.limit, out=args.out, preset=args.preset,
                 baseline=args.baseline, components=components, overrides=overrides,
                 device=eval_device, model_info=model_info, restart=args.restart, progress=not args.no_progress,
-                verbose=True, checkpoint_every=args.checkpoint_every,
+                verbose=True, checkpoint_every=args.checkpoint_every, text_cache=not args.no_cache,
             )
         if dist.is_main:
             print()

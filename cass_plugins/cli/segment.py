@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import os
@@ -13,87 +12,17 @@ from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
-from .loading import DEFAULT_CLIP, DEFAULT_VFM, WeightsUnavailableError, load_clip, load_vfm
-from .presets import Config, list_presets, resolve_config
+from cass_plugins.backbone.loading import WeightsUnavailableError
+from cass_plugins.cli.common import CliParser, add_config_arguments, add_model_arguments, config_from_args, models_from_args
+from cass_plugins.core.settings import SettingError
 
-__all__ = ["main", "add_model_arguments", "models_from_args", "parse_overrides", "resolve_cli_config"]
+__all__ = ["main", "build_parser"]
 
 log = logging.getLogger("cass_plugins")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model flags shared by ``cass-segment``, ``cass-eval`` and ``cass-ablate``."""
-    g = parser.add_argument_group("models")
-    g.add_argument("--clip", default=DEFAULT_CLIP[0], help="open_clip model name (default: %(default)s)")
-    g.add_argument(
-        "--pretrained", default=DEFAULT_CLIP[1],
-        help="open_clip pretrained tag (e.g. openai) or a local state-dict file (.pth/.bin/.safetensors); "
-        "'random' for random weights (default: %(default)s)",
-    )
-    g.add_argument("--vfm", default=DEFAULT_VFM, help="timm VFM name; 'none' disables spectral distillation "
-                   "(default: %(default)s)")
-    g.add_argument("--vfm-weights", default="pretrained",
-                   help="'pretrained' (download via timm), a local checkpoint file, or 'random' (default: %(default)s)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
-
-
-def models_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """``(clip_model, tokenizer, vfm_or_None)`` from the shared flags."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was requested but no CUDA device is available; use --device cpu")
-    if args.precision == "fp16" and str(args.device).startswith("cpu"):
-        log.warning("--precision fp16 on CPU is slower than fp32 (CPUs lack fast half-precision kernels); "
-                    "use fp32 on CPU")
-    clip, tokenizer = load_clip(args.clip, args.pretrained, device=args.device, precision=args.precision)
-    vfm = None
-    if args.vfm and args.vfm.lower() != "none":
-        vfm = load_vfm(args.vfm, args.vfm_weights, device=args.device, precision=args.precision)
-    return clip, tokenizer, vfm
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` → ``{key: value}``; values are JSON / Python literals, else strings.
-
-    ``none``/``null`` → None, ``true``/``false`` (any case) → bool, ``0.1`` → float, ``[0,1]`` or ``(0,1)`` →
-    list/tuple, anything else stays a string (``lowrank=energy``).
-
-    Raises:
-        ValueError: an item without ``=``.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        low = text.strip().lower()
-        value: Any
-        if low in ("none", "null"):
-            value = None
-        elif low in ("true", "false"):
-            value = low == "true"
-        else:
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                try:
-                    value = ast.literal_eval(text)
-                except (ValueError, SyntaxError):
-                    value = text.strip()
-        out[key] = value
-    return out
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse without the multi-line usage dump on an error: the message and where to read more."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n(run {self.prog} --help for the options)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = CliParser(
         prog="cass-segment",
         description=(
             "Training-free open-vocabulary segmentation of images with CASS (or another baseline). For every image "
@@ -104,13 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             '  cass-segment photo.jpg --classes "truck; sheep; sky, clouds" --out out/\n'
             "  cass-segment a.jpg b.png --dataset-classes voc21 --dataset voc21\n"
-            "  cass-segment --print-config --dataset cityscapes --set gamma=0.2 lowrank=exact\n"
+            "  cass-segment --print-config --dataset cityscapes --set ops.gamma=0.2 spectral.lowrank=exact\n"
+            "  cass-segment photo.jpg --classes \"cat; sky\" --baseline sclip --components spectral,ops,ota\n"
             "\n"
             "vocabulary: ';' separates classes, ',' the synonyms of one class; a pixel gets the class of its best\n"
             "  synonym, and the first class is the background when a threshold (prob_thd) applies.\n"
             "hyper-parameters: --preset picks the method, --dataset that preset's values for a benchmark (e.g. voc21:\n"
-            "  whole-image mode and a background threshold), --set KEY=VALUE overrides any key; --print-config\n"
-            "  shows the result.\n"
+            "  whole-image mode and a background threshold), --baseline and --components compose methods,\n"
+            "  --set section.key=VALUE overrides any setting; --print-config shows the result (every key).\n"
             "offline: pass state-dict files, e.g. --pretrained vit_b16_openai.pth --vfm-weights\n"
             "  dino_vitbase8_pretrain.pth ('random' for both gives a meaningless but complete dry run).\n"
             "exit status: 0 all written, 1 a runtime failure (or some images failed), 2 a usage error."
@@ -123,10 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--classes", help='class names, e.g. "truck; sheep; sky, clouds"')
     voc.add_argument("--classes-file", type=Path, help="file with one class per line, synonyms separated by ', '")
     voc.add_argument("--dataset-classes", help="a built-in vocabulary: voc21, context60, ade20k, ...")
-    p.add_argument("--preset", default="cass-official", help=f"method preset: {', '.join(list_presets())}")
-    p.add_argument("--dataset", help="use that dataset's hyper-parameters of the preset (cass.md §7)")
-    p.add_argument("--baseline", help="last-block baseline (naclip, sclip, clearclip, proxyclip, vanilla, ...)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any configuration key")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration (preset + --dataset + --set, as JSON) and exit; "
                    "needs no images and loads no model")
@@ -139,30 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--no-keep-going stops at the first (default: on)")
     p.add_argument("--no-cache", action="store_true",
                    help="do not read or write the on-disk text-embedding cache (~/.cache/cass_plugins)")
+    add_config_arguments(p)
     add_model_arguments(p)
     return p
-
-
-def resolve_cli_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
-    """The configuration ``patch_clip`` resolves for these flags, without building any model (``--print-config``).
-
-    Mirrors :func:`~cass_plugins.patch_clip`: preset (+ dataset values), the baseline's block defaults, the
-    ``--set`` overrides; spectral distillation drops CLS from the patch attention, and ``--vfm none`` switches it off.
-    """
-    from .plugins import REGISTRY
-
-    overrides = dict(overrides)
-    if args.vfm is None or args.vfm.lower() == "none":
-        overrides.setdefault("spectral", False)
-    config = resolve_config(args.preset, args.dataset)
-    if args.baseline is not None:
-        factory = REGISTRY.baseline(args.baseline)
-        config = config.replace(baseline=args.baseline, **getattr(factory, "block_defaults", {}))
-    if overrides:
-        config = config.replace(**overrides)
-    if config.spectral:
-        config = config.replace(include_cls=False)
-    return config
 
 
 class _CliError(Exception):
@@ -223,7 +128,7 @@ def _prepare_out(out: Path) -> None:
 
 def _weights_record(value: str | None) -> dict[str, str | None]:
     """A pretrained tag as is; a local file by name and SHA-256 (which exact weights made these outputs)."""
-    from .loading import file_sha256
+    from cass_plugins.backbone.loading import file_sha256
 
     if value is not None and Path(value).expanduser().is_file():
         path = Path(value).expanduser()
@@ -250,22 +155,20 @@ def _write_staged(out: Path, writers: dict[str, Callable[[Path], None]]) -> None
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import __version__
-    from .image import load_image
-    from .loading import CheckpointError
-    from .segmenter import Segmenter, _parse_vocabulary
-    from .visualize import legend_overlay, save_label_map
-    from .vocabulary import Vocabulary
+    from cass_plugins import __version__
+    from cass_plugins.pipeline.image import load_image
+    from cass_plugins.backbone.loading import CheckpointError
+    from cass_plugins.pipeline.segmenter import Segmenter, _parse_vocabulary
+    from cass_plugins.pipeline.visualize import legend_overlay, save_label_map
+    from cass_plugins.pipeline.vocabulary import Vocabulary
 
     try:
-        overrides = parse_overrides(args.set)
-    except ValueError as err:
-        raise _CliError(f"{err} (put the image files before --set, or end the --set list with --)") from err
+        config = config_from_args(args)  # every key and value checked before any model loads
+    except SettingError as err:
+        hint = " (put the image files before --set, or end the --set list with --)" if args.set else ""
+        raise _CliError(f"{err}{hint}") from err
     if args.print_config:
-        try:
-            print(resolve_cli_config(args, overrides).describe())
-        except ValueError as err:
-            parser.error(str(err))
+        print(config.describe())
         return 0
     if not args.images:
         parser.error("give at least one image file")
@@ -292,12 +195,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise _CliError(str(err), code=1) from err
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         raise _CliError(str(err)) from err
-    if vfm is None:
-        overrides.setdefault("spectral", False)
     try:
         segmenter = Segmenter(
-            clip, vfm, vocabulary=vocabulary, preset=args.preset, dataset=args.dataset, baseline=args.baseline,
-            tokenizer=tokenizer, text_cache=not args.no_cache, **overrides,
+            clip, vfm, vocabulary=vocabulary, preset=config, tokenizer=tokenizer, text_cache=not args.no_cache,
         )
     except (ValueError, TypeError) as err:  # configuration values the Segmenter rejects
         raise _CliError(str(err)) from err

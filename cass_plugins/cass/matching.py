@@ -2,7 +2,7 @@
 spectral graph matching"; authors' ``cass.py``; docs/matching.md).
 
 The cost is ``C[i, j] = 1 − W(λ_v[i], λ_c[j])`` with rows = VFM heads and columns = CLIP heads (see
-:func:`cass_plugins.spectral.spectral_cost`). CASS minimises the total cost with the Hungarian algorithm,
+:func:`cass_plugins.cass.spectral.spectral_cost`). CASS minimises the total cost with the Hungarian algorithm,
 pairing the most different spectra. The cost is close to additive, so optima are often tied: the
 result carries the margin to the best other assignment, and an explicit assignment can be forced.
 
@@ -27,7 +27,7 @@ from torch import Tensor
 
 __all__ = ["HeadMatching", "match_heads", "official_fused_heads", "STRATEGIES", "TIE_BREAKS", "PAIRINGS"]
 
-logger = logging.getLogger("cass_plugins.matching")
+logger = logging.getLogger("cass_plugins.cass.matching")
 
 STRATEGIES = ("complementary", "similar", "sequential")
 TIE_BREAKS = (None, "round", "sequential")

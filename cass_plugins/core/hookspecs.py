@@ -1,19 +1,21 @@
-"""Plugin system: pluggy hook specifications for every extension point, one ``hookimpl`` marker, discovery.
+"""Hook specifications (pluggy style: documented empty functions), the one ``hookimpl`` marker, and the contexts
+the hooks receive.
 
 A patched model owns a :class:`pluggy.PluginManager` holding exactly one *baseline* plugin (how the last block
 computes its patch tokens: NACLIP, SCLIP, ...) and any number of *component* plugins (CASS spectral distillation,
-the presence prior, the text adjustment, third-party additions). The last-block forward hook calls, in order:
+the presence prior, the text adjustment, CDAM, third-party additions). The last-block forward hook calls, in order:
 
 1. ``cass_attention_graphs`` (baseline, first result) - the pre-softmax patch attention graphs;
 2. ``cass_refine_graphs`` (components) - edit ``ctx.graphs`` in place (e.g. fuse the VFM graph);
 3. ``cass_block_output`` (baseline, first result) - the block's patch-token output from the graphs.
 
-The segmentation pipeline calls ``cass_begin_image`` once per image (before its windows),
-``cass_adjust_text`` and ``cass_refine_logits`` per window, and ``cass_end_image`` once per image (after its windows,
-before post-processing; e.g. to set a per-image background threshold).
+The text side (:meth:`~cass_plugins.core.patch.PatchHandle.logits`, used by the ``Segmenter``) calls
+``cass_begin_image`` once per image (before its windows), ``cass_adjust_text`` and ``cass_refine_logits`` per window,
+and ``cass_end_image`` once per image (after its windows, before post-processing; e.g. to set a per-image
+background threshold).
 
-Third-party packages add baselines or components through the ``cass_plugins`` entry-point group: the entry point
-names a module or object with ``@hookimpl def cass_register(registry)``; see :func:`load_entry_point_plugins`.
+Built-in and third-party plugins register baselines, components and presets through ``cass_register``
+(:mod:`cass_plugins.core.registry`); third-party packages are found through the ``cass_plugins`` entry-point group.
 """
 from __future__ import annotations
 
@@ -24,14 +26,13 @@ import pluggy
 from torch import Tensor
 
 PROJECT = "cass_plugins"
-ENTRY_POINT_GROUP = "cass_plugins"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
-    "hookspec", "hookimpl", "BlockContext", "TextContext", "LogitsContext", "ImageContext", "Registry", "REGISTRY",
-    "make_plugin_manager", "load_entry_point_plugins", "load_builtin_plugins", "load_plugins",
+    "hookspec", "hookimpl", "BlockContext", "TextContext", "LogitsContext", "ImageContext", "CassSpec",
+    "make_plugin_manager",
 ]
 
 
@@ -40,7 +41,7 @@ class BlockContext:
     """What the last-block hook knows about one forward pass (all tensors batch-first).
 
     Attributes:
-        access: the :class:`~cass_plugins.backbone.ViTAccess` of the CLIP tower.
+        access: the :class:`~cass_plugins.backbone.access.ViTAccess` of the CLIP tower.
         x: input tokens of the last block ``(B, T, D)``.
         block_output: the unmodified block's output ``(B, T, D)`` (its CLS row is the image embedding).
         q, k, v: ``(B, h, T, Dh)`` of the last block, prefix tokens included.
@@ -55,8 +56,8 @@ class BlockContext:
         output_grid: grid of ``patch_output`` (differs from ``grid`` for ProxyCLIP).
         record: per-forward inspection data (e.g. ``"matching"``) copied to the patch handle.
         window_indices: one index per batch row: the crops this patch has seen before it, counted since the
-            patch was made or :meth:`~cass_plugins.patch.PatchHandle.reset_windows` was last called (the
-            :class:`~cass_plugins.segmenter.Segmenter` resets it at every image, so they are the image's window
+            patch was made or :meth:`~cass_plugins.core.patch.PatchHandle.reset_windows` was last called (the
+            :class:`~cass_plugins.pipeline.segmenter.Segmenter` resets it at every image, so they are the image's window
             numbers in raster order).
     """
 
@@ -117,7 +118,7 @@ class ImageContext:
     """One image of the segmentation pipeline, seen before its windows and again after them.
 
     Attributes:
-        vocabulary: the image's :class:`~cass_plugins.vocabulary.Vocabulary`.
+        vocabulary: the image's :class:`~cass_plugins.pipeline.vocabulary.Vocabulary`.
         text: ``(Q, d)`` L2-normalised query embeddings of the vocabulary.
         embed_text: ``names -> (n, d)`` embeds extra prompts with the pipeline's text tower, tokenizer and templates.
         prob_thd: the background threshold post-processing applies; components may replace it in ``cass_end_image``.
@@ -136,7 +137,8 @@ class CassSpec:
 
     @hookspec
     def cass_register(self, registry: "Registry") -> None:
-        """Register named baselines and components (called once when entry-point plugins load)."""
+        """Register baselines (``registry.add_baseline``), components (``add_component``) and presets
+        (``add_preset``); called once per plugin module when the registry first loads."""
 
     @hookspec(firstresult=True)
     def cass_attention_graphs(self, ctx: BlockContext) -> list[Tensor] | None:
@@ -167,65 +169,8 @@ class CassSpec:
         """Called once per image after its windows, before post-processing (e.g. to set ``ctx.prob_thd``)."""
 
 
-class Registry:
-    """Named factories for baselines and components, filled by built-ins and entry-point plugins."""
-
-    def __init__(self) -> None:
-        self.baselines: dict[str, Callable[..., Any]] = {}
-        self.components: dict[str, Callable[..., Any]] = {}
-
-    def add_baseline(self, name: str, factory: Callable[..., Any]) -> None:
-        self.baselines[name] = factory
-
-    def add_component(self, name: str, factory: Callable[..., Any]) -> None:
-        self.components[name] = factory
-
-    def baseline(self, name: str) -> Callable[..., Any]:
-        load_plugins()
-        if name not in self.baselines:
-            raise ValueError(f"unknown baseline {name!r}; available: {sorted(self.baselines)}")
-        return self.baselines[name]
-
-    def component(self, name: str) -> Callable[..., Any]:
-        """The factory of a named component (called with the resolved config)."""
-        load_plugins()
-        if name not in self.components:
-            raise ValueError(f"unknown component {name!r}; available: {sorted(self.components)}")
-        return self.components[name]
-
-
-REGISTRY = Registry()
-_ENTRY_POINTS_LOADED = False
-
-
 def make_plugin_manager() -> pluggy.PluginManager:
+    """A plugin manager that knows the hook specifications."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(CassSpec)
     return pm
-
-
-def load_builtin_plugins() -> None:
-    """Import the built-in adapters, which register their baselines, components and presets.
-
-    Imported lazily because the adapters import this package.
-    """
-    import adapters  # noqa: F401  (baselines)
-    import adapters.cdam  # noqa: F401  (the CDAM component and its presets)
-
-
-def load_plugins() -> None:
-    """Register everything there is: the built-in adapters and the entry-point plugins (each loaded once)."""
-    load_builtin_plugins()
-    load_entry_point_plugins()
-
-
-def load_entry_point_plugins() -> int:
-    """Load third-party plugins from the ``cass_plugins`` entry-point group once; returns how many loaded."""
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return 0
-    _ENTRY_POINTS_LOADED = True
-    pm = make_plugin_manager()
-    count = pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    pm.hook.cass_register(registry=REGISTRY)
-    return count

@@ -1,0 +1,1 @@
+"""Command-line tools: ``cass-segment`` (:mod:`.segment`), ``cass-eval`` and ``cass-ablate``."""

@@ -1,0 +1,191 @@
+"""``Segmenter``: one image + a vocabulary → label map, per-class probabilities and raw logits.
+
+Flow (docs/spec/cass.md §5, docs/spec/protocol.md §6-8): load → resize short side → CLIP-normalise → whole-image
+prior (once, :meth:`PatchHandle.begin_image`) → windows (batched) → :meth:`PatchHandle.logits` (patched CLIP ∥ VFM →
+dense features → text components → cosine logits → logit components) → accumulate → original size → PAMR
+(optional) → logit scale, softmax, synonyms max, background threshold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cass_plugins.core.config import Config
+from cass_plugins.core.patch import PatchHandle, patch_clip
+from cass_plugins.pipeline.image import ImageSource, clip_normalize, load_image, resize_short_side
+from cass_plugins.pipeline.pamr import apply_pamr
+from cass_plugins.pipeline.postprocess import logits_to_labels, upsample_logits
+from cass_plugins.pipeline.text import default_tokenizer, encode_text
+from cass_plugins.pipeline.vocabulary import Vocabulary
+from cass_plugins.pipeline.windows import SlidingWindowAccumulator, iter_window_batches, window_grid
+
+__all__ = ["Segmenter", "SegmentationResult"]
+
+
+@dataclass
+class SegmentationResult:
+    """Output of :meth:`Segmenter.segment`, all at the original image size.
+
+    Attributes:
+        labels: ``(H, W)`` int64 class indices into ``vocabulary.class_names``.
+        probs: ``(C, H, W)`` per-class probabilities (max over synonyms, not renormalised).
+        logits: ``(Q, H, W)`` raw cosine logits per query (after the prior and PAMR, before the logit scale).
+        vocabulary: the vocabulary used.
+        record: per-image inspection data: ``"windows"`` the ``(y1, y2, x1, x2)`` box of every window (one
+            whole-image box in whole mode); ``"matching"`` one :class:`~cass_plugins.cass.matching.HeadMatching` per
+            window in the same order (assignment, weights, margin, cost; empty without spectral distillation;
+            for baselines with two graphs the first graph's, all of them under ``"matching_per_source"``);
+            ``"ota_clusters"`` the OTA clusters as tuples of query names; and what components added through
+            ``ImageContext.record``.
+    """
+
+    labels: Tensor
+    probs: Tensor
+    logits: Tensor
+    vocabulary: Vocabulary
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def class_areas(self) -> dict[str, float]:
+        """Fraction of the image assigned to each class (classes with zero area included)."""
+        counts = torch.bincount(self.labels.flatten().cpu(), minlength=self.vocabulary.num_classes)
+        total = float(self.labels.numel())
+        return {name: counts[i].item() / total for i, name in enumerate(self.vocabulary.class_names)}
+
+
+class Segmenter:
+    """Training-free open-vocabulary segmentation of single images with a patched CLIP.
+
+    Args:
+        clip_model: an open_clip / OpenAI-clip-style CLIP model (image and text towers).
+        vfm: the VFM for spectral distillation (timm ViT, e.g. DINO B/8); ``None`` switches it off.
+        vocabulary: default classes (any form :meth:`Vocabulary.parse` accepts).
+        preset, dataset, baseline, components, plugins, **overrides: as :func:`~cass_plugins.patch_clip`.
+        tokenizer: text tokenizer; default: open_clip's CLIP BPE tokenizer.
+        device: move the models there (default: where the CLIP model is).
+        text_cache: keep text embeddings in the on-disk cache (:mod:`cass_plugins.pipeline.cache`); ``False``: no caching.
+        progress: progress bar while encoding text (``None``: only on a terminal and for runs over a second).
+
+    The model stays patched until :meth:`close` (or the end of a ``with`` block).
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        vfm: nn.Module | None = None,
+        *,
+        vocabulary: Any = None,
+        preset: str | Config = "cass-official",
+        dataset: str | None = None,
+        baseline: str | None = None,
+        components: Iterable[str] | None = None,
+        tokenizer: Any = None,
+        device: str | torch.device | None = None,
+        plugins: Sequence[object] = (),
+        text_cache: bool = True,
+        progress: bool | None = None,
+        **overrides: Any,
+    ) -> None:
+        # Parse the vocabulary first: a bad one must not leave the model patched.
+        default_vocabulary = _parse_vocabulary(vocabulary) if vocabulary is not None else None
+        if device is not None:
+            clip_model = clip_model.to(device)
+            vfm = vfm.to(device) if vfm is not None else None
+        self.model = clip_model.eval()
+        self.vfm = vfm.eval() if vfm is not None else None
+        self.handle: PatchHandle = patch_clip(
+            clip_model, vfm, preset, dataset=dataset, baseline=baseline, components=components, plugins=plugins,
+            **overrides,
+        )
+        self.config: Config = self.handle.config
+        try:
+            self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(None)
+        except BaseException:
+            self.handle.remove()  # leave the model as we found it
+            raise
+        self.device = next(clip_model.parameters()).device
+        self.vocabulary = default_vocabulary
+        self.text_cache, self.progress = text_cache, progress
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Unpatch the model."""
+        self.handle.remove()
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        """The resolved configuration (every knob) as JSON."""
+        return self.config.describe()
+
+    # ------------------------------------------------------------------------------------------------ text
+    def text_embeddings(self, vocabulary: Vocabulary) -> Tensor:
+        """``(Q, d)`` float32 query embeddings (cached per vocabulary)."""
+        with torch.no_grad():
+            return encode_text(self.model, self.tokenizer, vocabulary, device=self.device, cache=self.text_cache,
+                               progress=self.progress)
+
+    # ------------------------------------------------------------------------------------------------ images
+    def preprocess(self, image: ImageSource) -> tuple[Tensor, tuple[int, int]]:
+        """Load, resize (short side) and CLIP-normalise → ``(1, 3, H, W)`` float32 and the original size."""
+        rgb = load_image(image)
+        original = (rgb.shape[-2], rgb.shape[-1])
+        # uint8 in → uint8 out (rounded like the reference's cv2.resize), then normalised (protocol.md §6)
+        resized = resize_short_side(rgb, self.config.pipeline.short_side, self.config.pipeline.max_long_side)
+        return clip_normalize(resized)[None].to(self.device), original
+
+    @torch.no_grad()
+    def segment(self, image: ImageSource, vocabulary: Any = None) -> SegmentationResult:
+        """Segment one image (path, PIL image, numpy array or tensor) with ``vocabulary`` (or the default one)."""
+        if not self.handle.active:
+            raise RuntimeError("this Segmenter was closed (its model is unpatched); create a new one")
+        vocab = _parse_vocabulary(vocabulary) if vocabulary is not None else self.vocabulary
+        if vocab is None:
+            raise ValueError("no vocabulary: pass vocabulary=['cat', 'dog', ...] here or to Segmenter(...)")
+        cfg = self.config.pipeline
+        handle = self.handle
+        x, original = self.preprocess(image)
+        text = self.text_embeddings(vocab)
+        whole = cfg.mode == "whole"
+        # the whole image's prior once (cass.md §3); in whole mode the single pass carries its own
+        handle.begin_image(None if whole else x, text, vocabulary=vocab, embed_text=self._embed_names)
+        if whole:
+            box = [(0, x.shape[-2], 0, x.shape[-1])]
+            logits = handle.logits(x, text, vocabulary=vocab, whole_image=True, windows=box)
+            logits = upsample_logits(logits[0], original, two_step_via=tuple(x.shape[-2:]))
+        else:
+            h, w = x.shape[-2:]
+            acc = SlidingWindowAccumulator(len(vocab.queries), h, w, device=x.device, dtype=torch.float32)
+            windows = window_grid(h, w, cfg.crop, cfg.stride)
+            for batch in iter_window_batches(windows, cfg.window_batch):
+                crops = torch.cat([x[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in batch])
+                acc.add_batch(batch, handle.logits(crops, text, vocabulary=vocab, windows=batch))
+            logits = upsample_logits(acc.result(), original)
+
+        ictx = handle.end_image()  # e.g. CDAM's per-image entropy threshold
+        if cfg.pamr_steps > 0:
+            guide = F.interpolate(x.float(), size=original, mode="bilinear", align_corners=False)
+            logits = apply_pamr(guide, logits[None], cfg.pamr_steps, cfg.pamr_dilations)[0]
+        labels, probs = logits_to_labels(
+            logits, vocab.query_to_class_tensor(logits.device), logit_scale=cfg.logit_scale, prob_thd=ictx.prob_thd,
+            area_thd=cfg.area_thd,
+        )
+        record = {**handle.image_record, **ictx.record}
+        return SegmentationResult(labels.cpu(), probs.cpu(), logits.cpu(), vocab, record)
+
+    def _embed_names(self, names: Sequence[str]) -> Tensor:
+        """``(n, d)`` embeddings of extra prompts (one query each, duplicates kept), as the vocabulary's."""
+        return self.text_embeddings(Vocabulary(tuple((n,) for n in names), allow_duplicates=True))
+
+
+def _parse_vocabulary(vocabulary: Any) -> Vocabulary:
+    if isinstance(vocabulary, str) and not vocabulary.strip(" \t\r\n;,"):
+        raise ValueError(f"empty vocabulary {vocabulary!r}: give at least one class, e.g. 'cat; dog, puppy; sky'")
+    return Vocabulary.parse(vocabulary)
