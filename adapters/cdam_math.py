@@ -2,7 +2,7 @@
 
 Everything here is model-free: the functions take similarity maps, distributions, divergences and (for pass 2)
 plain callables for the last block's sub-layers. The hook that wires them into a CLIP ViT lives in ``adapters/``.
-Section numbers (§n) refer to ``shared/spec/cdam.md``; the defaults reproduce the authors' repository, and every
+Section numbers (§n) refer to ``docs/spec/cdam.md``; the defaults reproduce the authors' repository, and every
 place where the paper differs (§15) is a named keyword (see ``CDAM_VARIANTS`` and ``docs/cdam.md``).
 
 Layout follows the library convention: batch-first, patches row-major, ``(B, N, C)`` for per-patch class scores,

@@ -1,4 +1,4 @@
-"""CDAM as a component (adapters/cdam.py) against float64 re-computations of shared/spec/cdam.md §3-§11.
+"""CDAM as a component (adapters/cdam.py) against float64 re-computations of docs/spec/cdam.md §3-§11.
 
 The references below are written from the spec and the block weights only: bilinear matrices from the
 align_corners=False formula, the JSD in its direct §5 form, pass 1 and pass 2 from ``ln_1``, the value rows of

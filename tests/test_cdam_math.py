@@ -1,4 +1,4 @@
-"""CDAM tensor math against float64 loop re-computations of shared/spec/cdam.md (§4-§10) and hand-worked cases."""
+"""CDAM tensor math against float64 loop re-computations of docs/spec/cdam.md (§4-§10) and hand-worked cases."""
 from __future__ import annotations
 
 import inspect

@@ -5,7 +5,7 @@ No hooks, no models, no I/O. Every function is batched over arbitrary leading di
 singular-value solver runs in float64 and is cast back to the input dtype (spectra stay float64), so
 fp16/bf16 inputs work. Degenerate inputs (zero or constant keys/graphs) never produce NaN.
 
-Spec references (``/work/shared/spec/cass.md``): §1.1 Gaussian window, §2 steps 3-11, §6 presets,
+Spec references (``docs/spec/cass.md``): §1.1 Gaussian window, §2 steps 3-11, §6 presets,
 §9 "Low rank", "Cost", "Head counts".
 """
 from __future__ import annotations
