@@ -50,7 +50,7 @@ from cass_plugins.core.baseline import Baseline, BlockSettings
 from cass_plugins.core.hookspecs import BlockContext, hookimpl
 from cass_plugins.core.registry import Preset, Registry
 from cass_plugins.core.settings import setting
-from cass_plugins.pipeline.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from cass_plugins.backbone.normalization import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = ["ProxyCLIP", "ProxyCLIPSettings", "proxy_graph", "PROXYCLIP_VFM_INPUT", "PRESETS", "cass_register"]
 

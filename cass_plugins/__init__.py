@@ -17,7 +17,7 @@ from cass_plugins.core.baseline import Baseline, BlockSettings
 from cass_plugins.core.config import Config, PipelineConfig, list_presets, resolve_config
 from cass_plugins.core.hookspecs import hookimpl, hookspec
 from cass_plugins.core.patch import (
-    DenseOutput, PatchHandle, cosine_logits, encode_dense, get_patch, image_embedding, patch_clip,
+    DenseOutput, PatchHandle, cosine_logits, cosine_prior, encode_dense, get_patch, image_embedding, patch_clip,
 )
 from cass_plugins.core.registry import REGISTRY, ComponentSpec, Preset
 from cass_plugins.core.settings import SettingError, Settings, setting
@@ -28,7 +28,7 @@ from cass_plugins.pipeline.vocabulary import Vocabulary
 __version__ = "0.2.0"
 
 __all__ = [
-    "patch_clip", "PatchHandle", "encode_dense", "DenseOutput", "image_embedding", "get_patch", "cosine_logits",
+    "patch_clip", "PatchHandle", "encode_dense", "DenseOutput", "image_embedding", "get_patch", "cosine_logits", "cosine_prior",
     "SpectralAttentionHook", "SpectralConfig", "VFMRunner", "HeadMatching", "match_heads", "ViTAccess", "vit_access",
     "Config", "PipelineConfig", "resolve_config", "list_presets", "REGISTRY", "ComponentSpec", "Preset",
     "Baseline", "BlockSettings", "Settings", "setting", "SettingError", "hookimpl", "hookspec",

@@ -6,6 +6,11 @@ compute dense features with their own code. One ``patch_clip`` call installs for
 repository's own feature code then returns CASS features without any change, and ``handle.remove()`` gives the
 original model back.
 
+CASS's text-side components (the presence prior OPS and the text adjustment OTA) act on the logits, which such a
+repository computes itself. ``handle.logits(crops, text, image=whole)`` gives them: the repository passes its own
+class embeddings and, for every window, the whole image it was cut from (the same tensor, so the prior is computed
+once per image) — see :func:`sliding_window_logits`.
+
 The model below is a small random-weight copy of that structure so the example runs anywhere in seconds::
 
     python examples/foreign_repo.py
@@ -20,7 +25,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from cass_plugins import encode_dense, patch_clip
+from cass_plugins import PatchHandle, encode_dense, patch_clip
 
 
 # ----------------------------------------------------------------------- the research repository's model (OpenAI-style)
@@ -86,6 +91,29 @@ def repo_dense_features(model: CLIP, images: torch.Tensor) -> torch.Tensor:
     return feats / feats.norm(dim=-1, keepdim=True)
 
 
+def sliding_window_logits(
+    handle: PatchHandle, image: torch.Tensor, text: torch.Tensor, crop: int = 224, stride: int = 112
+) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
+    """A foreign repository's sliding-window loop with CASS's spectral + OPS + OTA.
+
+    Args:
+        handle: the patch (``components=["spectral", "ops", "ota"]``).
+        image: ``(1, 3, H, W)`` the whole CLIP-normalised image.
+        text: ``(Q, d)`` the repository's class embeddings.
+
+    Returns:
+        ``(window, logits (1, Q, gh, gw))`` for every window; the repository accumulates them as it always did.
+    """
+    from cass_plugins.pipeline.windows import window_grid
+
+    out = []
+    for y1, y2, x1, x2 in window_grid(image.shape[-2], image.shape[-1], crop, stride):
+        window = image[:, :, y1:y2, x1:x2]
+        # image=: the same whole-image tensor for every window -> its presence prior is computed once
+        out.append(((y1, y2, x1, x2), handle.logits(window, text, image=image, windows=[(y1, y2, x1, x2)])))
+    return out
+
+
 def make_vfm() -> nn.Module:
     """A small random DINO-like ViT (timm); use timm.create_model('vit_base_patch8_224.dino', pretrained=True)."""
     from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -116,6 +144,14 @@ def main() -> None:
     print(f"repo features changed by CASS: mean |Δ| = {(cass - before).abs().mean():.4f}")
     print(f"repo features == encode_dense features: {torch.allclose(cass, ours, atol=1e-5)}")
     print(f"after remove(), bit-identical to the original model: {torch.equal(after, before)}")
+
+    # OPS and OTA too: the repository's own class embeddings (random here) and its sliding-window loop.
+    whole = torch.randn(1, 3, 224, 448)
+    text = torch.nn.functional.normalize(torch.randn(5, 64), dim=-1)
+    with torch.no_grad(), patch_clip(model, vfm, baseline="naclip", components=["spectral", "ops", "ota"]) as handle:
+        windows = sliding_window_logits(handle, whole, text)
+        clusters = handle.image_record.get("ota_clusters")
+    print(f"spectral + OPS + OTA: {len(windows)} windows of logits {tuple(windows[0][1].shape)}; OTA clusters {clusters}")
 
     # Any other baseline the repository's paper compares with is one argument away:
     with torch.no_grad():

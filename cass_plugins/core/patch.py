@@ -427,13 +427,15 @@ def patch_clip(
     try:
         handle.baseline = baseline_cls(config.block, runtime)
         handle.pm.register(handle.baseline, name="baseline")
+        # pluggy calls the last registered first: each stage is registered in reverse, so a hook runs the
+        # components in registry order; block components run before user plugins, text ones after them
         stages = {name: REGISTRY.component(name).stage for name in config.components}
-        for name in (n for n in config.components if stages[n] == "block"):
+        for name in reversed([n for n in config.components if stages[n] == "block"]):
             handle.components[name] = REGISTRY.component(name).factory(config[name], runtime)
             handle.pm.register(handle.components[name], name=name)
         for i, plugin in enumerate(plugins):
             handle.pm.register(plugin, name=f"user-{i}")
-        for name in (n for n in config.components if stages[n] == "text"):
+        for name in reversed([n for n in config.components if stages[n] == "text"]):
             handle.components[name] = REGISTRY.component(name).factory(config[name], runtime)
             handle.pm.register(handle.components[name], name=name)
     except BaseException:

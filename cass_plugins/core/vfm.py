@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cass_plugins.backbone.access import vit_access
-from cass_plugins.pipeline.image import CLIP_MEAN_255, CLIP_STD_255, IMAGENET_MEAN, IMAGENET_STD, to_vfm_normalization
+from cass_plugins.backbone.normalization import (
+    CLIP_MEAN_255, CLIP_STD_255, IMAGENET_MEAN, IMAGENET_STD, to_vfm_normalization,
+)
 
 __all__ = ["VFMRunner", "resize_keys"]
 
