@@ -50,6 +50,7 @@ from cass_plugins.core.baseline import Baseline, BlockSettings
 from cass_plugins.core.hookspecs import BlockContext, hookimpl
 from cass_plugins.core.registry import Preset, Registry
 from cass_plugins.core.settings import setting
+from cass_plugins.backbone.access import vfm_family
 from cass_plugins.backbone.normalization import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = ["ProxyCLIP", "ProxyCLIPSettings", "proxy_graph", "PROXYCLIP_VFM_INPUT", "PRESETS", "cass_register"]
@@ -92,16 +93,13 @@ def _check_vfm(vfm: nn.Module | None) -> None:
             "ProxyCLIP needs a VFM (DINO v1 or DINOv2 as a timm ViT, e.g. timm.create_model('vit_base_patch8_224.dino')): "
             "pass vfm=...; without one ProxyCLIP runs plain CLIP, which is baseline='vanilla'"
         )
-    cfg = getattr(vfm, "pretrained_cfg", None) or {}
-    tag = str(cfg.get("tag") or "").lower()
-    arch = str(cfg.get("architecture") or "").lower()
-    kind = type(vfm).__name__
-    if hasattr(vfm, "neck") or "sam" in kind.lower() or kind == "ImageEncoderViT" or arch.startswith("samvit") or "sam" in tag.split("_"):
+    family = vfm_family(vfm)
+    if family == "sam":
         raise ValueError(
             "ProxyCLIP with a SAM image encoder is not supported (it needs SAM's neck features at 1024x1024); "
             "use DINO v1 or DINOv2"
         )
-    if "mae" in tag.split("_"):
+    if family == "mae":
         raise ValueError(
             "ProxyCLIP with MAE is not supported (it needs the input resized to the crop and a resized checkpoint "
             "positional embedding); use DINO v1 or DINOv2"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ViTAccess", "vit_access", "interpolate_pos_embed", "SUPPORTED_BACKBONES"]
+__all__ = ["ViTAccess", "vit_access", "vfm_family", "interpolate_pos_embed", "SUPPORTED_BACKBONES"]
 
 SUPPORTED_BACKBONES = (
     "open_clip CLIP models (VisionTransformer or TimmModel image towers), OpenAI-clip-style models "
@@ -79,6 +79,7 @@ class ViTAccess:
         batch_first: layout of the tokens the blocks see.
         pos_interp: how the positional table is resampled to other grids.
         head_fn: final norm + projection applied to every token (``None`` for a VFM without a projection).
+        final_norm: the norm after the last block alone (a timm VFM's ``norm``; ProxyCLIP's features), if any.
         patch_embed: the module that receives the raw image (where the image is observed by a pre-hook).
     """
 
@@ -94,6 +95,7 @@ class ViTAccess:
     pos_interp: PosInterp
     patch_embed: nn.Module
     head_fn: Callable[[Tensor], Tensor] | None = None
+    final_norm: Callable[[Tensor], Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- properties
     @property
@@ -297,7 +299,23 @@ def _timm_access(vit: nn.Module, head: nn.Module | None, pos_interp: PosInterp |
         family="timm", module=vit, blocks=vit.blocks, num_heads=num_heads, head_dim=head_dim,
         patch_size=(ps[0], ps[1]), native_grid=(native[0], native[1]), num_prefix_tokens=vit.num_prefix_tokens,
         batch_first=True, pos_interp=pos_interp, patch_embed=vit.patch_embed.proj, head_fn=head_fn,
+        final_norm=getattr(vit, "norm", None),
     )
+
+
+def vfm_family(model: nn.Module) -> str:
+    """What kind of vision model ``model`` is: ``"sam"`` (a SAM image encoder, timm ``samvit_*`` or Meta's
+    ``ImageEncoderViT``), ``"mae"`` (timm's MAE weights) or ``"vit"`` (DINO, DINOv2 and other plain ViTs)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    tag = str(cfg.get("tag") or "").lower()
+    arch = str(cfg.get("architecture") or "").lower()
+    kind = type(model).__name__
+    if hasattr(model, "neck") or "sam" in kind.lower() or kind == "ImageEncoderViT" or arch.startswith("samvit") \
+            or "sam" in tag.split("_"):
+        return "sam"
+    if "mae" in tag.split("_"):
+        return "mae"
+    return "vit"
 
 
 def vit_access(model: nn.Module, *, pos_interp: PosInterp | None = None) -> ViTAccess:

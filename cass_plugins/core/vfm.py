@@ -90,7 +90,7 @@ class VFMRunner:
         """Final-norm output of the last block for the patch tokens, ``(B, C, gh, gw)`` (ProxyCLIP's ``E``)."""
         x = self.prepare(clip_images, square=False)
         tokens, grid = self._run(x, stop=False)
-        norm = getattr(self.model, "norm", None)
+        norm = self.access.final_norm
         tokens = norm(tokens) if norm is not None else tokens
         patches = tokens[:, self.access.num_prefix_tokens:]
         return patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid), grid
