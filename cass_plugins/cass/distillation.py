@@ -91,9 +91,7 @@ SPECTRAL_LEGACY_KEYS = {name: name for name in SpectralConfig.field_names()}
 
 def check_spectral(config: "Config") -> None:
     """Refuse baselines without a token-token graph to fuse the VFM graph into."""
-    from cass_plugins.core.registry import REGISTRY
-
-    cls = REGISTRY.baseline(config.baseline)
+    cls = config.registry.baseline(config.baseline)
     if not cls.has_fusable_graph(config.block):
         note = cls.graph_fusion_note or "it has no attention graph to fuse the VFM graph into"
         attn = getattr(config.block, "attn", None)

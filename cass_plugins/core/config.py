@@ -18,7 +18,7 @@ Keys (the same everywhere: ``patch_clip(**overrides)``, ``Segmenter(**overrides)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .registry import REGISTRY, ComponentSpec, Registry
@@ -86,6 +86,7 @@ class Config:
     components: tuple[str, ...]
     pipeline: PipelineConfig
     sections: Mapping[str, Settings]
+    registry: Registry = field(default=REGISTRY, repr=False)
 
     # ---------------------------------------------------------------------------------------------- access
     def __getitem__(self, name: str) -> Settings:
@@ -169,7 +170,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _registry_of(config: Config) -> Registry:
-    return REGISTRY
+    return config.registry
 
 
 # -------------------------------------------------------------------------------------------------- resolution
@@ -178,7 +179,7 @@ def _default_config(registry: Registry) -> Config:
     sections: dict[str, Settings] = {"naclip": registry.baseline("naclip").config_class()}
     for name, spec in registry.components.items():
         sections[name] = spec.config_class()
-    return Config(baseline="naclip", components=(), pipeline=PipelineConfig(), sections=sections)
+    return Config(baseline="naclip", components=(), pipeline=PipelineConfig(), sections=sections, registry=registry)
 
 
 def _flat_target(config: Config, registry: Registry, key: str) -> tuple[str, ...]:
@@ -252,7 +253,9 @@ def _apply(config: Config, overrides: Mapping[str, Any], registry: Registry) -> 
         cls = registry.baseline(baseline)
         del sections[config.baseline]
         sections = {baseline: cls.config_class(), **sections}
-    staged = Config(baseline=baseline, components=tuple(components), pipeline=config.pipeline, sections=sections)
+    staged = Config(
+        baseline=baseline, components=tuple(components), pipeline=config.pipeline, sections=sections, registry=registry
+    )
     section_values: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
         if key == "components":
@@ -279,7 +282,7 @@ def _apply(config: Config, overrides: Mapping[str, Any], registry: Registry) -> 
     for name, values in section_values.items():
         sections[name] = sections[name].replace(**values)
     ordered = tuple(n for n in registry.components if n in components)
-    new = Config(baseline=baseline, components=ordered, pipeline=pipeline, sections=sections)
+    new = Config(baseline=baseline, components=ordered, pipeline=pipeline, sections=sections, registry=registry)
     return _check(new, registry)
 
 
@@ -365,7 +368,7 @@ def resolve_config(
     if baseline is not None:
         changes["baseline"] = baseline
     if components is not None:
-        changes["components"] = list(components)
+        changes["components"] = components if isinstance(components, str) else list(components)
     return _apply(config, changes, registry) if changes else config
 
 

@@ -233,7 +233,7 @@ def parse_setting(cls: type[Settings], name: str, text: str) -> Any:
     tp = _hints(cls)[name]
     parser = next((f.metadata.get("parse") for f in dataclasses.fields(cls) if f.name == name), None)
     if parser is not None:
-        return parser(text)
+        return _freeze(parser(text))
     raw = text.strip()
     low = raw.lower()
     options = _union_args(tp)
