@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's model bui
 
 from conftest import make_tiny_clip, make_tiny_vfm  # noqa: E402
 
-from cass_plugins.evaluation.runner import main  # noqa: E402
+from cass_plugins.cli.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
     # One thread per process, as in the single-process reference run: float reductions then happen in the same

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_tiny_clip, make_tiny_vfm
 
-from cass_plugins.evaluation import ablation
+from cass_plugins.cli import ablate
 from cass_plugins.evaluation.ablation import ABLATION_ROWS, ablation_config, format_table, resolve_rows, run_ablation
 from cass_plugins.core.config import resolve_config
 
@@ -91,15 +91,61 @@ def test_run_ablation_agreement_and_miou():
 def test_cli_prints_table(monkeypatch, tmp_path, capsys):
     from PIL import Image
 
-    import cass_plugins.cli.common as cli
-
     for i, im in enumerate(_images()):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp_path / f"im{i}.png")
-    monkeypatch.setattr(cli, "models_from_args", lambda args: (make_tiny_clip(), None, make_tiny_vfm()))
+    monkeypatch.setattr(ablate, "models_from_args", lambda args: (make_tiny_clip(), None, make_tiny_vfm()))
     out = tmp_path / "table.md"
     argv = [str(tmp_path), "--rows", "1,+ops", "--classes", "sky; cat, kitten", "--warmup", "0", "--out", str(out),
             "--set", "short_side=64", "crop=64", "stride=32"]
-    assert ablation.main(argv) == 0
+    assert ablate.main(argv) == 0
     printed = capsys.readouterr().out
     assert "#1 vanilla" in printed and "#6 + OPS" in printed and "#7 + OTA (full)" in printed
     assert "2 image(s)" in printed and out.read_text().strip().endswith(printed.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rows", "1,9"], "unknown ablation row '9'"),
+    (["--set", "gamma=abc"], "ops.gamma='abc': expected a number"),
+    (["--set", "lowrank=exactt"], "spectral.lowrank='exactt': choose one of"),
+    (["--set", "gama=0.1"], "unknown configuration key 'gama'"),
+    (["--vfm", "none"], "rows with the VFM graph need a VFM"),
+    (["--limit", "0"], "--limit must be a positive number of images, got 0"),
+])
+def test_cli_bad_input_one_line_exit_2_before_models(monkeypatch, tmp_path, capsys, extra, message):
+    from PIL import Image
+
+    Image.fromarray(_images(1)[0].permute(1, 2, 0).numpy()).save(tmp_path / "im.png")
+    loads = []
+    monkeypatch.setattr(ablate, "models_from_args", lambda args: loads.append(args) or 1 / 0)
+    with pytest.raises(SystemExit) as exc:
+        ablate.main([str(tmp_path / "im.png"), "--classes", "sky; cat", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("cass-ablate: error: ") and message in err[0]
+    assert err[1:] == ["(run cass-ablate --help for the options)"]
+    assert loads == []
+
+
+def test_cli_missing_inputs_exit_2_before_models(monkeypatch, tmp_path, capsys):
+    loads = []
+    monkeypatch.setattr(ablate, "models_from_args", lambda args: loads.append(args) or 1 / 0)
+    cases = [
+        ([str(tmp_path / "gone.jpg"), "--classes", "cat"], f"{tmp_path / 'gone.jpg'} is neither an image file"),
+        ([str(tmp_path), "--classes", "cat"], "no images: give image files/folders"),  # an empty folder
+        (["--dataset", "voc21", "--data-root", str(tmp_path / "nodata")],
+         f"voc21: dataset root {tmp_path / 'nodata'} does not exist"),
+        (["--data-root", str(tmp_path)], "--data-root needs --dataset"),
+        ([str(tmp_path), "--classes-file", str(tmp_path / "classes.txt")], "no images"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            ablate.main(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err.splitlines()[0], argv
+    from PIL import Image
+
+    Image.fromarray(_images(1)[0].permute(1, 2, 0).numpy()).save(tmp_path / "im.png")
+    with pytest.raises(SystemExit):
+        ablate.main([str(tmp_path), "--classes-file", str(tmp_path / "classes.txt")])
+    assert f"--classes-file {tmp_path / 'classes.txt'} does not exist" in capsys.readouterr().err
+    assert loads == []

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cass_plugins.evaluation.runner import evaluate, format_paper_table, main
+from cass_plugins.cli.evaluate import main
+from cass_plugins.evaluation.runner import evaluate
+from cass_plugins.evaluation.tables import format_paper_table
 from cass_plugins.pipeline.segmenter import Segmenter
 from cass_plugins.pipeline.vocabulary import Vocabulary
 from conftest import make_tiny_clip, make_tiny_vfm
@@ -195,6 +197,133 @@ def test_cli_rejects_bad_keys_before_loading_models(voc: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--dataset", "voc21", "--data-root", str(voc), "--set", "gama=0.1"], models=object())
     assert "gama" in capsys.readouterr().err
+
+
+@pytest.fixture
+def model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every attempt of cass-eval to load models from its flags (the attempt then fails)."""
+    import cass_plugins.cli.evaluate as cli_evaluate
+
+    calls: list[str] = []
+
+    def loading(args):
+        calls.append(args.clip)
+        raise RuntimeError("models would load here")
+
+    monkeypatch.setattr(cli_evaluate, "models_from_args", loading)
+    return calls
+
+
+def _usage_error(capsys, argv: list[str], **kwargs) -> str:
+    """Run cass-eval expecting exit status 2; returns the error line (the message is one line, no usage dump)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv, **kwargs)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("cass-eval: error: ") and "usage:" not in err and "Traceback" not in err
+    assert lines[1:] == ["(run cass-eval --help for the options)"]
+    return lines[0]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("gamma=abc", "ops.gamma='abc': expected a number"),
+    ("spectral.rank=abc", "spectral.rank='abc': expected an integer"),
+    ("lowrank=exactt", "spectral.lowrank='exactt': choose one of 'randomized', 'exact'"),
+])
+def test_cli_bad_set_value_is_one_line_exit_2(voc: Path, capsys, model_loads, value: str, message: str) -> None:
+    line = _usage_error(capsys, ["--dataset", "voc21", "--data-root", str(voc), "--set", value])
+    assert message in line
+    assert model_loads == []
+
+
+def test_cli_missing_data_root_exits_2_before_models(tmp_path: Path, capsys, model_loads) -> None:
+    missing = tmp_path / "no_such_data"
+    line = _usage_error(capsys, ["--dataset", "voc21", "--data-root", str(missing)])
+    assert f"dataset root {missing} does not exist" in line and "VOCdevkit/VOC2012" in line
+    assert model_loads == []
+    line = _usage_error(capsys, ["--dataset", "voc21", "--data-root", " "])
+    assert "--data-root is empty" in line and model_loads == []
+
+
+def test_cli_data_root_without_layout_names_expected_path(tmp_path: Path, capsys, model_loads) -> None:
+    empty = tmp_path / "data"
+    empty.mkdir()
+    line = _usage_error(capsys, ["--dataset", "voc21", "--data-root", str(empty)])
+    # both places an image folder may be: the root itself, or the conventional root inside it
+    assert str(empty / "JPEGImages") in line and str(empty / "VOCdevkit" / "VOC2012" / "JPEGImages") in line
+    # images but no labels: the label folder is named, with how labels are produced
+    (empty / "VOCdevkit" / "VOC2012" / "JPEGImages").mkdir(parents=True)
+    line = _usage_error(capsys, ["--dataset", "voc21", "--data-root", str(empty)])
+    assert f"label folder {empty / 'VOCdevkit' / 'VOC2012' / 'SegmentationClass'} not found" in line
+    # the second dataset is checked too, before anything runs on the first
+    line = _usage_error(capsys, ["--dataset", "voc21", "--dataset", "context59", "--data-root",
+                                 str(empty.parent)])
+    assert line.startswith("cass-eval: error: voc21: ") and model_loads == []
+
+
+def test_cli_data_root_checked_for_every_dataset(voc: Path, capsys, model_loads) -> None:
+    line = _usage_error(capsys, ["--dataset", "voc21", "--dataset", "ade20k", "--data-root", str(voc)])
+    assert line.startswith("cass-eval: error: ade20k: image folder not found")
+    assert str(voc / "ade" / "ADEChallengeData2016" / "images" / "validation") in line
+    assert model_loads == []
+
+
+def test_cli_resume_with_other_setting_fails_before_models(models, voc: Path, tmp_path: Path, capsys,
+                                                           model_loads) -> None:
+    out = tmp_path / "stored.json"
+    base = ["--dataset", "voc21", "--data-root", str(voc), "--limit", "1", "--no-progress", "--out", str(out)]
+    assert main(base + ["--set", "short_side=64"], models=models) == 0
+    capsys.readouterr()
+    stored = json.loads(out.read_text())
+
+    gamma = stored["datasets"]["voc21"]["config"]["ops"]["gamma"]  # VOC21's value of the preset
+    assert gamma != 0.5 and stored["datasets"]["voc21"]["config"]["pipeline"]["pamr_steps"] == 0
+    line = _usage_error(capsys, base + ["--set", "short_side=64", "ops.gamma=0.5", "pamr_steps=3"])
+    assert "different configuration" in line
+    assert f"ops.gamma: stored {gamma}, now 0.5; pipeline.pamr_steps: stored 0, now 3)" in line
+    assert "pipeline.short_side" not in line  # equal keys are not listed
+    assert "another --out" in line and "--restart" in line
+    assert model_loads == [] and json.loads(out.read_text()) == stored  # nothing loaded, nothing written
+
+    # --restart discards the stored result: the run goes on to load the models
+    with pytest.raises(RuntimeError, match="models would load here"):
+        main(base + ["--set", "short_side=64", "ops.gamma=0.5", "--restart"])
+    assert len(model_loads) == 1
+
+    # a checkpoint left by an interrupted run is checked as well, with no result file next to it
+    partial = tmp_path / "stored.json.partial.voc21.rank0.json"
+    partial.write_text(json.dumps({**stored["datasets"]["voc21"], "scored": [], "state": None}))
+    out.unlink()
+    line = _usage_error(capsys, base + ["--set", "short_side=64", "ops.gamma=0.5"])
+    assert line.startswith(f"cass-eval: error: checkpoint {partial} was produced with a different configuration")
+    assert len(model_loads) == 1
+
+
+def test_cli_resume_with_other_model_flags_fails_before_models(models, voc: Path, tmp_path: Path, capsys,
+                                                               monkeypatch) -> None:
+    import cass_plugins.cli.evaluate as cli_evaluate
+
+    loads: list[str] = []
+    monkeypatch.setattr(cli_evaluate, "models_from_args", lambda args: (loads.append(args.pretrained), models)[1])
+    out = tmp_path / "flags.json"
+    argv = ["--dataset", "voc21", "--data-root", str(voc), "--limit", "1", "--no-progress", "--out", str(out),
+            "--set", "short_side=64", "--device", "cpu", "--clip", "ViT-B-16"]
+    assert main(argv + ["--pretrained", "a.pt"]) == 0
+    capsys.readouterr()
+    line = _usage_error(capsys, argv + ["--pretrained", "b.pt"])
+    assert "was produced with other models (--pretrained: stored 'a.pt', now 'b.pt')" in line
+    assert loads == ["a.pt"]
+    # the same flags resume (a larger --limit scores the next image)
+    assert main(argv + ["--pretrained", "a.pt", "--limit", "2"]) == 0
+    assert loads == ["a.pt", "a.pt"] and json.loads(out.read_text())["datasets"]["voc21"]["num_images"] == 2
+
+
+def test_cli_out_that_is_not_a_result_exits_2(voc: Path, tmp_path: Path, capsys, model_loads) -> None:
+    out = tmp_path / "notes.json"
+    out.write_text('{"format": "something else"}')
+    line = _usage_error(capsys, ["--dataset", "voc21", "--data-root", str(voc), "--out", str(out)])
+    assert f"{out} is not a cass-eval result" in line and model_loads == []
 
 
 def test_vocabulary_must_fit_dataset(models, voc: Path) -> None:

@@ -1,4 +1,4 @@
-"""CASS's component ablation (Table 3, cass.md §8) as named configurations, and ``cass-ablate`` to run them.
+"""CASS's component ablation (Table 3, cass.md §8) as named configurations, and the harness that runs them.
 
 Each row is a set of :class:`~cass_plugins.core.config.Config` overrides applied over the method preset
 (``cass-official`` by default) and its dataset values. A row switches components *off*; what it leaves unset is the
@@ -21,17 +21,14 @@ How the rows are read (the paper names the rows, not their settings):
 
 cass.md §8 lists these seven configurations; the full model is the last of them.
 
-``cass-ablate`` runs a list of rows over images (timing, and pixel agreement of the label maps with the full model)
+``cass-ablate`` (:mod:`cass_plugins.cli.ablate`) runs a list of rows over images (timing, and pixel agreement of the label maps with the full model)
 or over a dataset's validation split (mIoU; the paper's value is shown when the dataset is in Table 3).
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -39,7 +36,7 @@ from torch import nn
 
 __all__ = [
     "ABLATION_ROWS", "ABLATION_LABELS", "PUBLISHED_MIOU", "FULL_ROW", "AblationResult", "ablation_config",
-    "resolve_rows", "run_ablation", "format_table", "main",
+    "resolve_rows", "run_ablation", "format_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -282,109 +279,3 @@ def format_table(results: Sequence[AblationResult], dataset: str | None = None) 
             cells.append(f"{published[r.row]:.1f}" if r.row in published else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    from cass_plugins.cli.common import add_model_arguments
-
-    p = argparse.ArgumentParser(
-        prog="cass-ablate",
-        description=(
-            "Run CASS's component ablation (Table 3 rows) over images or a dataset and print a Markdown table: "
-            "time per image and pixel agreement with the full model, or mIoU when --data-root gives labels."
-        ),
-        epilog="Rows: " + "; ".join(f"{ABLATION_LABELS[r]} = {r}" for r in ABLATION_ROWS),
-    )
-    p.add_argument("images", nargs="*", type=Path, help="image files or folders (ignored with --data-root)")
-    p.add_argument("--rows", default="all", help="comma-separated rows (names, numbers 1-7, 'full'; default: all)")
-    voc = p.add_mutually_exclusive_group()
-    voc.add_argument("--classes", help='class names, e.g. "truck; sheep; sky, clouds"')
-    voc.add_argument("--classes-file", type=Path, help="one class per line, synonyms separated by ', '")
-    voc.add_argument("--dataset-classes", help="a built-in vocabulary (voc21, context59, ...)")
-    p.add_argument("--dataset", help="dataset hyper-parameters of the preset (and its classes, by default)")
-    p.add_argument("--data-root", type=Path, help="the dataset's folder: evaluate on its validation split (mIoU)")
-    p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--preset", default="cass-official", help="method preset the rows modify (default: %(default)s)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a key in every row")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs before each row (default: %(default)s)")
-    p.add_argument("--agreement", action="store_true", help="also compute agreement with the full model on a dataset")
-    p.add_argument("--out", type=Path, help="also write the table to this Markdown file")
-    add_model_arguments(p)
-    return p
-
-
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def _expand_images(paths: Sequence[Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise SystemExit(f"error: {p} is neither an image file nor a folder")
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``cass-ablate``: print the ablation table (see ``cass-ablate --help``)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from cass_plugins.cli.common import models_from_args
-    from cass_plugins.core.config import parse_overrides, resolve_config
-    from cass_plugins.pipeline.vocabulary import Vocabulary
-
-    try:
-        rows = resolve_rows(args.rows)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    labels = None
-    num_classes = None
-    if args.data_root is not None:
-        if not args.dataset:
-            raise SystemExit("error: --data-root needs --dataset (which benchmark the folder holds)")
-        from cass_plugins.evaluation.datasets import SegmentationDataset
-
-        data = SegmentationDataset(args.dataset, args.data_root)
-        n = len(data) if args.limit is None else min(args.limit, len(data))
-        items = [data[i] for i in range(n)]
-        images: list[Any] = [it["image_path"] for it in items]
-        labels = [it["label"] for it in items]
-        num_classes = data.info.num_classes
-    else:
-        images = _expand_images(args.images)
-        images = images[: args.limit] if args.limit is not None else images
-        if not images:
-            raise SystemExit("error: give image files/folders, or --dataset with --data-root")
-    if args.classes is not None:
-        vocabulary = Vocabulary.parse(args.classes)
-    elif args.classes_file is not None:
-        vocabulary = Vocabulary.from_file(args.classes_file)
-    elif args.dataset_classes or args.dataset:
-        vocabulary = Vocabulary.builtin(args.dataset_classes or args.dataset)
-    else:
-        raise SystemExit("error: give the classes (--classes, --classes-file, --dataset-classes or --dataset)")
-    overrides = parse_overrides(args.set, resolve_config(args.preset, args.dataset))
-    clip, tokenizer, vfm = models_from_args(args)
-    if vfm is None and any(ABLATION_ROWS[r].get("spectral") for r in rows):
-        raise SystemExit("error: rows with the VFM graph need a VFM (--vfm); run --rows vanilla without one")
-    results = run_ablation(
-        clip, vfm, images, rows=rows, vocabulary=vocabulary, labels=labels, num_classes=num_classes,
-        preset=args.preset, dataset=args.dataset, tokenizer=tokenizer, warmup=args.warmup,
-        agreement=True if args.agreement else None, progress=True, **overrides,
-    )
-    device = next(clip.parameters()).device
-    title = (f"CASS ablation: {len(images)} image(s), preset {args.preset}"
-             f"{', dataset ' + args.dataset if args.dataset else ''}, {args.clip} + {args.vfm}, {device}")
-    table = format_table(results, args.dataset if labels is not None else None)
-    print(f"{title}\n\n{table}")
-    if args.out is not None:
-        args.out.write_text(f"{title}\n\n{table}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
