@@ -1,7 +1,9 @@
 """CDAM (Class Distribution-induced Attention Map, ICLR 2025): the pure tensor math.
 
-Everything here is model-free: the functions take similarity maps, distributions, divergences and (for pass 2)
-plain callables for the last block's sub-layers. The hook that wires them into a CLIP ViT lives in ``adapters/``.
+Everything here is model-free: the functions take similarity maps, distributions, divergences and logits. The
+component that runs them inside a CLIP ViT, including pass 2 through the last block, is
+:class:`cass_plugins.adapters.cdam.CDAM`; every function here is called by it (the spec's L×L formulation of the
+passes is a test-side reference, ``tests/reference_cdam.py``).
 Section numbers (§n) refer to ``docs/spec/cdam.md``; the defaults reproduce the authors' repository, and every
 place where the paper differs (§15) is a named keyword (see ``CDAM_VARIANTS`` and ``docs/cdam.md``).
 
@@ -14,7 +16,7 @@ float64 (the spec accepts a float32 re-implementation as equivalent up to fp16 r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -38,19 +40,14 @@ __all__ = [
     "class_distribution",
     "pairwise_jsd",
     "divergence_to_attention",
-    "jsd_attention",
     "subgrid_size",
     "resize_similarity",
     "upsample_pairwise",
     "multiscale_cdam",
-    "assemble_attention",
     "text_similarity",
-    "apply_attention",
-    "cdam_block_forward",
     "patch_entropy",
     "threshold_from_entropy",
     "entropy_threshold",
-    "apply_background_threshold",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,8 +145,8 @@ CDAM_DATASET_DEFAULTS: dict[str, dict[str, object]] = {
 
 MultiscaleOrder = Literal["upsample_divergence", "upsample_attention"]
 
-#: The §15 paper-vs-repo switches as keyword values. Keys of the inner dicts are the keyword names used by the
-#: functions below (``threshold_granularity`` and ``pass1_attention`` are for the segmenter / adapter).
+#: The §15 paper-vs-repo switches. Keys are :class:`cass_plugins.adapters.cdam.CDAMConfig` fields, except
+#: ``log_base`` (the field ``entropy_log_base``) and ``pass1_attention`` (the baseline's last block).
 CDAM_VARIANTS: dict[str, dict[str, object]] = {
     "repo": {
         "minmax": True,  # §15.4: min-max before and after the row softmax
@@ -322,34 +319,6 @@ def divergence_to_attention(
     return att
 
 
-def jsd_attention(
-    dist: Tensor,
-    *,
-    temperature: float = ATTENTION_TEMPERATURE,
-    minmax: bool = True,
-    eps: float = JSD_EPS,
-    minmax_eps: float = MINMAX_EPS,
-    chunk_size: int | None = None,
-    max_chunk_elements: int = 1 << 24,
-) -> Tensor:
-    """Single-scale CDAM: :func:`pairwise_jsd` (§5) followed by :func:`divergence_to_attention` (§6).
-
-    Args:
-        dist: ``(B, N, C)`` class distributions from :func:`class_distribution`.
-        temperature: P of the row softmax.
-        minmax: §15.4 switch, see :func:`divergence_to_attention`.
-        eps: ε inside the JSD logs.
-        minmax_eps: ε of the min-max denominators.
-        chunk_size: Query rows per JSD chunk (None: from ``max_chunk_elements``).
-        max_chunk_elements: JSD chunk budget, see :func:`pairwise_jsd`.
-
-    Returns:
-        ``(B, N, N)`` attention map.
-    """
-    jsd = pairwise_jsd(dist, eps=eps, chunk_size=chunk_size, max_chunk_elements=max_chunk_elements)
-    return divergence_to_attention(jsd, temperature=temperature, minmax=minmax, eps=minmax_eps)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # §7 Multi-scale CDAM
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,45 +448,7 @@ def multiscale_cdam(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# §8 The L×L attention matrix
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def assemble_attention(
-    patch_attention: Tensor,
-    *,
-    num_heads: int | None = None,
-    row_normalize: bool = False,
-    eps: float = MINMAX_EPS,
-) -> Tensor:
-    """Embed the patch map in the L×L token attention with a zero CLS row and column (§8).
-
-    No token attends to CLS, and the CLS query attends to nothing (its attention output is just the out-proj bias).
-    Since CLS is dropped after pass 2 and no patch attends to it, the CLS handling does not change patch outputs.
-
-    Args:
-        patch_attention: ``W_patch``, ``(B, N, N)``.
-        num_heads: If given, return a ``(B, h, L, L)`` expanded view (all heads share the matrix, no copy).
-        row_normalize: §15.6. False (repo): rows used as is (entries in [0, 1], row sums ≫ 1). True: divide each
-            patch row by its sum (an alternative the paper does not specify).
-        eps: Floor of the row sum when ``row_normalize``.
-
-    Returns:
-        ``(B, L, L)`` or ``(B, h, L, L)`` with L = N + 1.
-    """
-    b, n, _ = patch_attention.shape
-    att = patch_attention
-    if row_normalize:
-        att = att / att.sum(dim=-1, keepdim=True).clamp_min(eps)
-    full = att.new_zeros(b, n + 1, n + 1)
-    full[:, 1:, 1:] = att
-    if num_heads is not None:
-        return full[:, None].expand(b, int(num_heads), n + 1, n + 1)
-    return full
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# §3, §9 Passes through the last block (callables for the block's sub-layers)
+# §3, §9 The text side of S0 and of the logits
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -536,65 +467,6 @@ def text_similarity(features: Tensor, text_embeddings: Tensor, *, drop_cls: bool
     if drop_cls:
         f = f[:, 1:]
     return f @ text_embeddings.to(f.dtype).t()
-
-
-def apply_attention(attention: Tensor | None, values: Tensor) -> Tensor:
-    """Multiply the attention matrix with the values, before the out-projection (§9 step 3).
-
-    Args:
-        attention: ``(B, L, L)`` shared by all heads, ``(B, h, L, L)`` per head, or None for identity attention
-            (each token attends only to itself: pass 1, §3).
-        values: ``(B, L, D)`` value projections (all heads concatenated).
-
-    Returns:
-        ``(B, L, D)`` head outputs, concatenated.
-    """
-    if attention is None:
-        return values
-    att = attention.to(values.dtype)
-    if att.dim() == 3:
-        # One matrix shared by all heads: splitting into heads and concatenating back is a no-op.
-        return att @ values
-    b, heads, length, _ = att.shape
-    d = values.shape[-1]
-    v = values.reshape(b, length, heads, d // heads).transpose(1, 2)  # (B, h, L, Dh)
-    return (att @ v).transpose(1, 2).reshape(b, length, d)
-
-
-def cdam_block_forward(
-    x: Tensor,
-    attention: Tensor | None,
-    *,
-    ln_1: Callable[[Tensor], Tensor],
-    value: Callable[[Tensor], Tensor],
-    out_proj: Callable[[Tensor], Tensor],
-    ln_2: Callable[[Tensor], Tensor],
-    mlp: Callable[[Tensor], Tensor],
-    ls_1: Callable[[Tensor], Tensor] | None = None,
-    ls_2: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
-    """The last residual block with a fixed attention on the value path (§3 pass 1, §9 pass 2).
-
-    ``x ← x + ls_1(out_proj(A · value(ln_1(x))))``, then ``x ← x + ls_2(mlp(ln_2(x)))``. q and k are never needed.
-
-    Args:
-        x: The block's input tokens ``(B, L, D)`` (the cached residual stream after block L−1).
-        attention: As in :func:`apply_attention`; None gives pass 1's identity attention.
-        ln_1: The block's first LayerNorm.
-        value: ``y ↦ y W_vᵀ + b_v``, the value third of the block's in-projection.
-        out_proj: The attention out-projection (weight and bias).
-        ln_2: The block's second LayerNorm.
-        mlp: The block's MLP (c_fc, activation, c_proj).
-        ls_1: Optional layer scale after attention (identity for CLIP).
-        ls_2: Optional layer scale after the MLP (identity for CLIP).
-
-    Returns:
-        ``(B, L, D)`` block output.
-    """
-    a = out_proj(apply_attention(attention, value(ln_1(x))))
-    x = x + (ls_1(a) if ls_1 is not None else a)
-    h = mlp(ln_2(x))
-    return x + (ls_2(h) if ls_2 is not None else h)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -666,23 +538,3 @@ def entropy_threshold(
     return threshold_from_entropy(
         h.amin(dim=-1), h.amax(dim=-1), alpha=alpha, default_threshold=default_threshold
     )
-
-
-def apply_background_threshold(probs: Tensor, threshold: Tensor | float, background_index: int = 0) -> Tensor:
-    """Arg-max labels with pixels whose max probability is below the threshold set to background (§11).
-
-    A NaN threshold relabels nothing (comparisons with NaN are false), as in the repo.
-
-    Args:
-        probs: ``(B, K, H, W)`` class probabilities (softmax of ``logit_scale`` · logits).
-        threshold: Scalar or ``(B,)`` per-image thresholds.
-        background_index: Label of the background class.
-
-    Returns:
-        ``(B, H, W)`` int64 labels.
-    """
-    max_prob, labels = probs.max(dim=1)
-    thr = torch.as_tensor(threshold, dtype=max_prob.dtype, device=max_prob.device)
-    if thr.dim() == 1:
-        thr = thr[:, None, None]
-    return labels.masked_fill(max_prob < thr, background_index)

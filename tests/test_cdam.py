@@ -19,6 +19,7 @@ from cass_plugins import encode_dense, patch_clip
 from cass_plugins.adapters.cdam_math import ATP_PROMPTS
 from cass_plugins.core.hookspecs import hookimpl
 from cass_plugins.core.config import resolve_config
+import reference_cdam
 from conftest import make_tiny_clip, make_tiny_vfm
 
 SCALES = (0.25, 0.37, 0.5, 0.63, 0.75, 0.87, 1.0)
@@ -201,6 +202,32 @@ def test_repo_configuration_matches_float64_reference(model64, images64, text64,
         expected = ref_features(parts, ref_block(parts, x_in, w, residual=residual))
 
     with patch_clip(model64, preset="cdam-maskclip", **overrides) as handle:
+        handle.pm.get_plugin("cdam").set_text(cls, atp)
+        with torch.no_grad():
+            got = encode_dense(model64, images64).features
+    torch.testing.assert_close(got.reshape(2, -1, got.shape[-1]), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("row_normalize", [False, True], ids=["repo", "rownorm"])
+def test_component_matches_the_spec_lxl_block_forward(model64, images64, text64, row_normalize):
+    """The component's patch-rows-only pass 2 equals the spec's L×L formulation (tests/reference_cdam.py): pass 1
+    and pass 2 through the whole last block with the CLS row/column of the CDAM matrix zero and every head sharing it
+    (§3, §8, §9)."""
+    cls, atp = text64
+    x_in = capture_block_input(model64, images64)
+    parts = block_parts(model64)
+    blk = parts["blk"]
+    layers = dict(
+        ln_1=blk.ln_1, value=lambda y: y @ parts["wv"].T + parts["bv"], out_proj=blk.attn.out_proj, ln_2=blk.ln_2,
+        mlp=blk.mlp,
+    )
+    with torch.no_grad():
+        pass1 = reference_cdam.cdam_block_forward(x_in, None, **layers)
+        s0 = ref_similarity(ref_features(parts, pass1[:, 1:]), torch.cat([cls, atp]))
+        heads = blk.attn.num_heads
+        w = reference_cdam.assemble_attention(ref_cdam(s0, GRID), num_heads=heads, row_normalize=row_normalize)
+        expected = ref_features(parts, reference_cdam.cdam_block_forward(x_in, w, **layers)[:, 1:])
+    with patch_clip(model64, preset="cdam-maskclip", cdam_row_normalize=row_normalize) as handle:
         handle.pm.get_plugin("cdam").set_text(cls, atp)
         with torch.no_grad():
             got = encode_dense(model64, images64).features

@@ -1,4 +1,6 @@
-"""CDAM tensor math against float64 loop re-computations of docs/spec/cdam.md (§4-§10) and hand-worked cases."""
+"""CDAM tensor math (adapters/cdam_math.py, every function the CDAM component calls) against float64 loop
+re-computations of docs/spec/cdam.md (§4-§10) and hand-worked cases; the §11 labels through the pipeline's
+``logits_to_labels``; self-checks of the test-side L×L references in ``tests/reference_cdam.py``."""
 from __future__ import annotations
 
 import inspect
@@ -7,7 +9,11 @@ import math
 import pytest
 import torch
 
+import reference_cdam as ref_cdam
 from cass_plugins.adapters import cdam_math as cdam
+from cass_plugins.adapters.cdam import CDAMConfig
+from cass_plugins.core.config import resolve_config
+from cass_plugins.pipeline.postprocess import logits_to_labels
 
 LN2 = math.log(2.0)
 
@@ -214,11 +220,12 @@ def test_jsd_no_nan_one_hot_and_uniform() -> None:
         assert torch.isfinite(j).all()
         assert j[0, 0, 5].item() == pytest.approx(0.0, abs=1e-6)  # same class
         assert j[0, 0, 1].item() == pytest.approx(LN2, abs=1e-6)  # different classes
-        assert torch.isfinite(cdam.jsd_attention(one_hot, minmax=True)).all()
+        assert torch.isfinite(cdam.divergence_to_attention(cdam.pairwise_jsd(one_hot), minmax=True)).all()
         ju = cdam.pairwise_jsd(uniform, eps=eps)
         assert torch.allclose(ju, torch.zeros_like(ju), atol=1e-7)
         # A constant row min-maxes to 0, softmaxes to uniform, min-maxes to 0: zeros, not NaN.
-        assert torch.equal(cdam.jsd_attention(uniform), torch.zeros(1, 6, 6))
+        assert torch.equal(cdam.divergence_to_attention(cdam.pairwise_jsd(uniform)), torch.zeros(1, 6, 6))
+        assert torch.equal(cdam.multiscale_cdam(torch.zeros(1, 6, 4), (2, 3), scales=(1.0,)), torch.zeros(1, 6, 6))
 
 
 def ref_jsd_float64(p: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -264,13 +271,13 @@ def test_pairwise_jsd_float32_near_uniform_matches_float64_reference() -> None:
     assert torch.equal(jsd, jsd.transpose(1, 2))
 
 
-def test_jsd_attention_float32_near_uniform_matches_float64_reference() -> None:
+def test_cdam_attention_float32_near_uniform_matches_float64_reference() -> None:
     # Downstream CDAM map: the §6 row min-max rescales each row by its JSD range (~1e-5), so JSD errors are
     # amplified ~1e3×. With the direct form the float32 map stays within ~6e-5 of float64 (what remains is the
     # float32 1 − JSD / softmax of §6 itself); with the cancelling form it was ~1.4e-3.
     p = near_uniform_distributions()
     ref = ref_attention_float64(ref_jsd_float64(p))
-    att = cdam.jsd_attention(p)
+    att = cdam.divergence_to_attention(cdam.pairwise_jsd(p))
     assert (att.double() - ref).abs().max().item() < 2e-4
     full = cdam.multiscale_cdam(torch.log(p) * cdam.CLASS_TEMPERATURE, (5, 10), scales=(1.0,))
     assert (full.double() - ref).abs().max().item() < 2e-4
@@ -375,7 +382,10 @@ def test_multiscale_cdam_without_minmax_and_custom_scales() -> None:
     ref = ref_multiscale(as_lists(s0[0]), grid, scales, minmax=False)
     assert torch.allclose(out[0], torch.tensor(ref, dtype=torch.float64), atol=1e-12, rtol=0)
     full = cdam.multiscale_cdam(s0, grid, scales=(1.0,))
-    assert torch.allclose(full, cdam.jsd_attention(cdam.class_distribution(s0)), atol=0, rtol=0)
+    composed = cdam.divergence_to_attention(cdam.pairwise_jsd(cdam.class_distribution(s0)))
+    assert torch.allclose(full, composed, atol=0, rtol=0)
+    ref_full = ref_multiscale(as_lists(s0[0]), grid, (1.0,))
+    assert torch.allclose(full[0], torch.tensor(ref_full, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_multiscale_cdam_no_nan_on_degenerate_similarities() -> None:
@@ -408,21 +418,22 @@ def test_multiscale_cdam_rejects_bad_arguments() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# §8 assembly, §3/§9 block passes
+# §8 assembly, §3/§9 block passes: self-checks of the test-side references (tests/reference_cdam.py) that
+# tests/test_cdam.py compares the CDAM component against
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def test_assemble_attention_cls_zero_and_shared_heads() -> None:
     w = torch.rand(2, 6, 6, dtype=torch.float64)
-    full = cdam.assemble_attention(w)
+    full = ref_cdam.assemble_attention(w)
     assert full.shape == (2, 7, 7)
     assert torch.equal(full[:, 0], torch.zeros(2, 7, dtype=torch.float64))
     assert torch.equal(full[:, :, 0], torch.zeros(2, 7, dtype=torch.float64))
     assert torch.equal(full[:, 1:, 1:], w)
-    heads = cdam.assemble_attention(w, num_heads=3)
+    heads = ref_cdam.assemble_attention(w, num_heads=3)
     assert heads.shape == (2, 3, 7, 7)
     assert all(torch.equal(heads[:, h], full) for h in range(3))
-    normed = cdam.assemble_attention(w, row_normalize=True)
+    normed = ref_cdam.assemble_attention(w, row_normalize=True)
     assert torch.allclose(normed[:, 1:].sum(-1), torch.ones(2, 6, dtype=torch.float64))
 
 
@@ -444,7 +455,7 @@ def test_apply_attention_matches_per_head_loops() -> None:
     b, heads, length, dh = 2, 3, 5, 4
     att = torch.rand(b, heads, length, length, generator=g, dtype=torch.float64)
     v = torch.rand(b, length, heads * dh, generator=g, dtype=torch.float64)
-    out = cdam.apply_attention(att, v)
+    out = ref_cdam.apply_attention(att, v)
     for bi in range(b):
         for h in range(heads):
             for t in range(length):
@@ -453,9 +464,9 @@ def test_apply_attention_matches_per_head_loops() -> None:
                     assert out[bi, t, h * dh + ch].item() == pytest.approx(ref, abs=1e-13)
     shared = att[:, 0]
     assert torch.allclose(
-        cdam.apply_attention(shared, v), cdam.apply_attention(shared[:, None].expand(-1, heads, -1, -1), v)
+        ref_cdam.apply_attention(shared, v), ref_cdam.apply_attention(shared[:, None].expand(-1, heads, -1, -1), v)
     )
-    assert torch.equal(cdam.apply_attention(None, v), v)
+    assert torch.equal(ref_cdam.apply_attention(None, v), v)
 
 
 def test_cdam_block_forward_pass1_and_pass2() -> None:
@@ -464,14 +475,14 @@ def test_cdam_block_forward_pass1_and_pass2() -> None:
     x = torch.randn(2, 7, d, dtype=torch.float64)
     with torch.no_grad():
         # Pass 1 (§3): identity attention, residual and MLP kept.
-        y1 = cdam.cdam_block_forward(x, None, **parts)
+        y1 = ref_cdam.cdam_block_forward(x, None, **parts)
         a = parts["out_proj"](parts["value"](parts["ln_1"](x)))
         ref1 = x + a
         ref1 = ref1 + parts["mlp"](parts["ln_2"](ref1))
         assert torch.allclose(y1, ref1, atol=1e-14)
         # Pass 2 (§9): CDAM matrix on the value path; CLS row zero → CLS gets only the out-proj bias.
-        w = cdam.assemble_attention(torch.rand(2, 6, 6, dtype=torch.float64), num_heads=2)
-        y2 = cdam.cdam_block_forward(x, w, **parts)
+        w = ref_cdam.assemble_attention(torch.rand(2, 6, 6, dtype=torch.float64), num_heads=2)
+        y2 = ref_cdam.cdam_block_forward(x, w, **parts)
         v = parts["value"](parts["ln_1"](x))
         ref2 = x + parts["out_proj"](w[:, 0] @ v)
         ref2 = ref2 + parts["mlp"](parts["ln_2"](ref2))
@@ -539,11 +550,17 @@ def test_entropy_no_nan_one_hot_and_uniform() -> None:
     assert cdam.entropy_threshold(half * 10).tolist() == [math.inf]
 
 
-def test_apply_background_threshold() -> None:
-    probs = torch.tensor([[[[0.2, 0.7]], [[0.5, 0.1]], [[0.3, 0.2]]]])  # (1, 3, 1, 2)
-    assert cdam.apply_background_threshold(probs, torch.tensor([0.6])).tolist() == [[[0, 0]]]
-    assert cdam.apply_background_threshold(probs, 0.4).tolist() == [[[1, 0]]]
-    assert cdam.apply_background_threshold(probs, float("nan")).tolist() == [[[1, 0]]]
+def test_background_threshold_in_logits_to_labels() -> None:
+    # §11 runs in the pipeline's logits_to_labels (prob_thd = the CDAM threshold). With logit_scale 1 and log-probs
+    # as logits, its softmax gives back ``probs``; the labels must be the reference's, a NaN threshold relabelling
+    # nothing (strict ``<``, as the repo).
+    probs = torch.tensor([[[[0.2, 0.7]], [[0.5, 0.1]], [[0.3, 0.2]]]], dtype=torch.float64)  # (1, 3, 1, 2)
+    for thr, expected in ((0.6, [[0, 0]]), (0.4, [[1, 0]]), (float("nan"), [[1, 0]])):
+        labels, class_probs = logits_to_labels(probs[0].log(), [0, 1, 2], logit_scale=1.0, prob_thd=thr)
+        assert torch.allclose(class_probs, probs[0], atol=1e-15, rtol=0)
+        assert labels.tolist() == expected
+        assert torch.equal(labels, ref_cdam.apply_background_threshold(probs, thr)[0])
+    assert ref_cdam.apply_background_threshold(probs, torch.tensor([0.6])).tolist() == [[[0, 0]]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,13 +575,23 @@ def test_atp_list() -> None:
     assert atp.index("ceramic") == 51 and atp.index("transparent") == 54 and atp.index("vehicle") == 55
 
 
-def test_variant_keys_are_function_keywords() -> None:
-    keywords: set[str] = set()
-    for fn in (cdam.multiscale_cdam, cdam.assemble_attention, cdam.entropy_threshold):
-        keywords |= set(inspect.signature(fn).parameters)
-    segmenter_only = {"threshold_granularity", "pass1_attention"}
+def test_variants_are_the_component_settings() -> None:
+    # CDAM_VARIANTS documents the §15 switches; the code that runs reads CDAMConfig. The repo variant must be the
+    # component's defaults and the paper variant what the cdam-paper preset resolves to.
+    field = {"log_base": "entropy_log_base"}
+    baseline_only = {"pass1_attention"}
+    names = set(CDAMConfig.field_names())
     for variant in cdam.CDAM_VARIANTS.values():
-        assert set(variant) - segmenter_only <= keywords
+        assert {field.get(k, k) for k in variant} - baseline_only <= names
+    defaults = CDAMConfig()
+    paper = resolve_config("cdam-paper")["cdam"]
+    for key, value in cdam.CDAM_VARIANTS["repo"].items():
+        if key not in baseline_only:
+            assert getattr(defaults, field.get(key, key)) == value, key
+    for key, value in cdam.CDAM_VARIANTS["paper"].items():
+        if key not in baseline_only:
+            assert getattr(paper, field.get(key, key)) == value, key
+    assert resolve_config("cdam-maskclip")["maskclip"].attn == cdam.CDAM_VARIANTS["repo"]["pass1_attention"]
     repo = cdam.CDAM_VARIANTS["repo"]
     assert inspect.signature(cdam.multiscale_cdam).parameters["minmax"].default == repo["minmax"]
     assert inspect.signature(cdam.multiscale_cdam).parameters["multiscale_order"].default == repo["multiscale_order"]
@@ -575,3 +602,9 @@ def test_variant_keys_are_function_keywords() -> None:
         assert cfg["background_threshold"] is True and cfg["logit_scale"] == 50.0 and cfg["slide_crop"] == 448
     assert cdam.CDAM_DATASET_DEFAULTS["coco_object"]["background_name"] == "sky"
     assert not cdam.CDAM_DATASET_DEFAULTS["ade20k"]["background_threshold"]
+    # The defaults table must agree with the presets that run: threshold on ⇔ cdam.entropy_threshold on.
+    for key in ("voc21", "context60", "coco_object", "ade20k"):
+        resolved = resolve_config("cdam-maskclip", key)
+        assert resolved["cdam"].entropy_threshold == cdam.CDAM_DATASET_DEFAULTS[key]["background_threshold"]
+        assert resolved.pipeline.logit_scale == cdam.CDAM_DATASET_DEFAULTS[key]["logit_scale"]
+        assert resolved.pipeline.crop == cdam.CDAM_DATASET_DEFAULTS[key]["slide_crop"]

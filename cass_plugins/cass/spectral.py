@@ -22,7 +22,6 @@ __all__ = [
     "attention_graph",
     "gaussian_window",
     "key_spectrum",
-    "graph_spectrum",
     "normalize_spectrum",
     "spectral_distance",
     "spectral_cost",
@@ -34,7 +33,6 @@ __all__ = [
     "zero_diagonal",
     "fuse_graphs",
     "gather_heads",
-    "distill_vfm_graph",
     "distilled_vfm_graph",
 ]
 
@@ -192,21 +190,6 @@ def key_spectrum(keys: Tensor, scale: float, m: int = 20) -> Tensor:
         sigma2 = torch.linalg.eigvalsh(k.transpose(-1, -2) @ k).flip(-1).clamp_min(0)
     n = keys.shape[-2]
     return _take_top(scale * sigma2[..., : min(n, sigma2.shape[-1])], m).to(keys.device)
-
-
-def graph_spectrum(graph: Tensor, m: int = 20) -> Tensor:
-    """Top-``m`` eigenvalues of an arbitrary symmetric graph via ``eigvalsh`` in float64.
-
-    Args:
-        graph: (..., N, N) symmetric matrices.
-        m: spectrum length (zero-padded when N < m).
-
-    Returns:
-        (..., m) float64, descending.
-    """
-    with _single_thread():
-        evals = torch.linalg.eigvalsh(_to_solver(graph.to(torch.float64))).flip(-1).to(graph.device)
-    return _take_top(evals, m)
 
 
 def normalize_spectrum(spec: Tensor) -> Tensor:
@@ -597,66 +580,6 @@ def gather_heads(x: Tensor, assignment: Tensor) -> Tensor:
     return torch.gather(x.expand(*lead, *x.shape[-3:]), -3, idx)
 
 
-def distill_vfm_graph(
-    vfm_graph: Tensor | None,
-    clip_graph: Tensor,
-    w: Tensor,
-    lam: float,
-    *,
-    assignment: Tensor | None = None,
-    vfm_keys: Tensor | None = None,
-    scale: float | None = None,
-    lowrank: str | None = "randomized",
-    rank: int | None = 10,
-    eigenscaling: bool = True,
-    eps: float = 1.5,
-    seed: int = 0,
-    q: int = 10,
-    niter: int = 2,
-    eta: float = 0.95,
-    q0: int = 10,
-    dq: int = 5,
-    basis: str = "exact",
-) -> tuple[Tensor, Tensor | None]:
-    """Spec §2 steps 8-11 for the matched VFM graph of every CLIP head.
-
-    low rank (``lowrank=None``: the full graph) → eigenscaling φ of the retained values (optional) →
-    D = U diag(φ(σ)) Vᵀ → zero diagonal → range match D per head and per image to the CLIP graph it is
-    fused with → ``(λ·w·D + A_c)/(λ·w + 1)``. Everything runs in float64 and the result is cast to the
-    CLIP graph's dtype.
-
-    Args:
-        vfm_graph: (..., Hv, N, N) VFM graphs (all heads if ``assignment`` is given, else already
-            matched (..., Hc, N, N)); may be None when ``vfm_keys`` and ``scale`` are given.
-        clip_graph: (..., Hc, N, N) CLIP graphs A_c.
-        w: (Hc,) or (..., Hc) fusion weights (from :class:`cass_plugins.cass.matching.HeadMatching`).
-        lam: λ (10 in ``cass-official``, 1 in ``cass-paper``).
-        assignment: (Hc,) or (..., Hc) VFM head per CLIP head; None = inputs already matched.
-        vfm_keys: (..., Hv|Hc, N, Dh_v) range-matched VFM keys (same head layout as ``vfm_graph``);
-            lets the exact path use the small Gram eigenproblem of the keys.
-        scale: graph scale (needed with ``vfm_keys``).
-        lowrank: low-rank method (see :func:`low_rank`) or None for the full graph.
-        rank, seed, q, niter, eta, q0, dq, basis: forwarded to :func:`low_rank`.
-        eigenscaling: apply φ (requires a low-rank method).
-        eps: ε of φ.
-
-    Returns:
-        ``(fused, ranks)``: fused graph (..., Hc, N, N) in ``clip_graph.dtype``; ranks (..., Hc)
-        LongTensor, or None when ``lowrank`` is None.
-    """
-    if vfm_graph is None and (vfm_keys is None or scale is None):
-        raise ValueError("distill_vfm_graph needs vfm_graph, or vfm_keys together with scale")
-    if assignment is not None:
-        vfm_graph = gather_heads(vfm_graph, assignment) if vfm_graph is not None else None
-        vfm_keys = gather_heads(vfm_keys, assignment) if vfm_keys is not None else None
-    d, ranks = distilled_vfm_graph(
-        vfm_graph, vfm_keys=vfm_keys, scale=scale, lowrank=lowrank, rank=rank, eigenscaling=eigenscaling, eps=eps,
-        seed=seed, q=q, niter=niter, eta=eta, q0=q0, dq=dq, basis=basis,
-    )
-    d = range_match(d, clip_graph.to(torch.float64), dims=(-2, -1))
-    return fuse_graphs(d, clip_graph, w, lam), ranks
-
-
 def distilled_vfm_graph(
     vfm_graph: Tensor | None,
     *,
@@ -676,8 +599,20 @@ def distilled_vfm_graph(
 ) -> tuple[Tensor, Tensor | None]:
     """Spec §2 steps 8-10 for already matched VFM graphs: low rank → φ → D = U diag(φ(σ)) Vᵀ → zero diagonal.
 
-    The result is not yet range-matched: that depends on the CLIP graph it is fused with (step 10, done by
-    :func:`distill_vfm_graph` or by the caller for each graph). Arguments as :func:`distill_vfm_graph`.
+    The result is not yet range-matched: that depends on the CLIP graph it is fused with. The caller does steps
+    10-11 per graph, :func:`range_match` over ``(-2, -1)`` then :func:`fuse_graphs`, as
+    :class:`cass_plugins.cass.distillation.SpectralAttentionHook` does. Everything runs in float64.
+
+    Args:
+        vfm_graph: (..., Hc, N, N) VFM graphs already matched to the CLIP heads (:func:`gather_heads`); may be
+            None when ``vfm_keys`` and ``scale`` are given.
+        vfm_keys: (..., Hc, N, Dh_v) matched, range-matched VFM keys with ``vfm_graph = scale·K Kᵀ``; lets the
+            exact paths use the small Gram eigenproblem of the keys.
+        scale: graph scale (needed with ``vfm_keys``).
+        lowrank: low-rank method (see :func:`low_rank`) or None for the full graph.
+        rank, seed, q, niter, eta, q0, dq, basis: forwarded to :func:`low_rank`.
+        eigenscaling: apply φ (requires a low-rank method).
+        eps: ε of φ.
 
     Returns:
         ``(D, ranks)``: float64 (..., Hc, N, N) with a zero diagonal; ranks (..., Hc) or None without low rank.
