@@ -465,21 +465,40 @@ def encode_dense(model: nn.Module, images: Tensor) -> DenseOutput:
 
     Works on patched and unpatched models; the positional embedding is interpolated to any grid (the "+0.1"
     rule, docs/spec/baselines.md §2). For an unpatched model the features are vanilla CLIP's last-block tokens.
+
+    Raises:
+        FloatingPointError: NaN/inf in the input crops, or arising in the forward (CLIP, the VFM of a patched
+            model, or their activations), named by :func:`non_finite_message`; never NaN features returned
+            silently, nor a bare solver error for NaN keys.
     """
     handle = get_patch(model)
     access = handle.access if handle is not None else vit_access(model)
+    vfm = handle.vfm if handle is not None else None
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected CLIP-normalised crops of shape (B, 3, H, W), got {tuple(images.shape)}")
     if not torch.isfinite(images).all():
         raise FloatingPointError("the input crops contain NaN or inf: check the image decoding and normalisation")
-    tokens, grid = access.embed(images)
-    tokens = access.run_blocks(tokens, access.blocks)
-    projected = access.head(tokens)
+    try:
+        tokens, grid = access.embed(images)
+        tokens = access.run_blocks(tokens, access.blocks)
+        projected = access.head(tokens)
+    except (torch.linalg.LinAlgError, ValueError, RuntimeError) as err:
+        # NaN/inf keys first surface inside the components (eigh/SVD of the spectra, the matching's solver) as a
+        # LinAlgError or ValueError; name the cause. Other errors (a missing vocabulary, a refused baseline) pass.
+        explained = _explain_failure(model, images, vfm, err)
+        if explained is None:
+            raise
+        raise explained from err
     out_grid = handle.state.output_grid if handle is not None and not handle.state.bypass else None
     out_grid = out_grid or grid
     patches = projected[:, access.num_prefix_tokens:]
     if patches.shape[1] != out_grid[0] * out_grid[1]:
         raise RuntimeError(f"{patches.shape[1]} patch tokens do not fill the output grid {out_grid}")
+    # One reduction over the outputs (cheap next to the forward); the parameters are scanned only when it fails.
+    if not torch.isfinite(patches).all():
+        raise FloatingPointError(non_finite_message("the CLIP patch features", model, vfm))
+    if not torch.isfinite(projected[:, 0]).all():
+        raise FloatingPointError(non_finite_message("the CLIP image embedding (CLS token)", model, vfm))
     return DenseOutput(patches.reshape(patches.shape[0], *out_grid, -1), projected[:, 0])
 
 
@@ -516,14 +535,39 @@ def non_finite_message(where: str, clip_model: nn.Module, vfm: Any) -> str:
     return f"NaN or inf in {where} ({cause})"
 
 
-def _dense_or_explain(model: nn.Module, crops: Tensor, vfm: Any) -> DenseOutput:
+def _explain_failure(model: nn.Module, images: Tensor, vfm: Any, err: Exception) -> FloatingPointError | None:
+    """The FloatingPointError that names why the patched forward failed on ``images``, or None when no NaN/inf
+    is behind ``err``.
+
+    Runs only after a failure: scans the parameters of CLIP and the VFM; with finite parameters, reruns the unpatched
+    CLIP forward and the VFM keys to see whether the activations overflowed (fp16) and in which model.
+    """
+    if non_finite_parameters(model, vfm):
+        return FloatingPointError(non_finite_message("the forward of the patched model", model, vfm))
+    overflowed = []
+    handle = get_patch(model)
     try:
-        return encode_dense(model, crops)
-    except (torch.linalg.LinAlgError, ValueError, RuntimeError) as err:
-        # NaN/inf keys first surface in the spectral solvers (SVD, matching); name the cause instead
-        if isinstance(err, torch.linalg.LinAlgError) or non_finite_parameters(model, vfm):
-            raise FloatingPointError(non_finite_message("the attention keys", model, vfm)) from err
-        raise
+        with torch.no_grad():
+            if handle is not None and not handle.state.bypass:
+                with handle.bypassed():
+                    clip_out = encode_dense(model, images)
+                if not torch.isfinite(clip_out.features).all():
+                    overflowed.append("CLIP")
+            if vfm is not None and hasattr(vfm, "keys") and not torch.isfinite(vfm.keys(images)[0]).all():
+                overflowed.append("VFM")
+    except FloatingPointError:
+        overflowed.append("CLIP")  # the unpatched forward itself produced NaN/inf
+    except Exception:  # the probe is best effort: a probe that fails says nothing about the cause
+        pass
+    if not overflowed and not isinstance(err, torch.linalg.LinAlgError):
+        return None
+    where = f"the {' and '.join(overflowed)} activations" if overflowed else "the attention keys"
+    return FloatingPointError(non_finite_message(where, model, vfm))
+
+
+def _dense_or_explain(model: nn.Module, crops: Tensor, vfm: Any) -> DenseOutput:
+    """:func:`encode_dense`, which names the cause of NaN/inf itself (kept for the callers in this module)."""
+    return encode_dense(model, crops)
 
 
 def _checked_prior(image_embeds: Tensor, text: Tensor, model: nn.Module) -> Tensor:
