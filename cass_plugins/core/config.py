@@ -399,7 +399,10 @@ def parse_overrides(items: Iterable[str], config: Config) -> dict[str, Any]:
             raise SettingError(f"--set expects KEY=VALUE, got {item!r}")
         if key == "baseline":
             out["baseline"] = text.strip()
-            staged = _apply(staged, {"baseline": out["baseline"]}, registry)
+            # Staged only to resolve the later keys against the new baseline's section: without components, so that
+            # a component of the preset that a later components=... drops cannot refuse the baseline here (the
+            # caller validates the whole set, components included).
+            staged = _apply(staged, {"baseline": out["baseline"], "components": []}, registry)
             continue
         if key == "components":
             out["components"] = _component_list(text, registry)
