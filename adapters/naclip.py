@@ -68,6 +68,10 @@ class NACLIP(Baseline):
     def has_fusable_graph(cls, settings: NACLIPSettings) -> bool:
         return settings.attn != "nonly"
 
+    @classmethod
+    def no_graph_reason(cls, settings: NACLIPSettings) -> str:
+        return "attn='nonly' attends with the Gaussian window alone (Ω·c): no data-dependent graph; use attn='naclip'"
+
     def graphs(self, ctx: BlockContext) -> list[Tensor]:
         strategy = self.config.attn
         if strategy == "naclip":

@@ -5,7 +5,7 @@ For the last CLIP block only ``V`` is used (Q and K are ignored):
 1. per head, ``V`` without CLS on the CLIP grid, bilinearly resized (``align_corners=False``) to the VFM grid
    ``(H', W')`` → ``V'`` with ``M = H'·W'`` tokens;
 2. ``E`` = the VFM's final-norm last-block features of the same crop (``VFMRunner.features`` with ProxyCLIP's
-   input rule, :func:`proxyclip_vfm_input`: CLIP normalisation undone with OpenAI CLIP's 0–1 constants, ImageNet
+   input rule, :data:`PROXYCLIP_VFM_INPUT`: CLIP normalisation undone with OpenAI CLIP's 0–1 constants, ImageNet
    normalisation applied, no resize); ``Ê`` = ``E`` L2-normalised over channels (eps 1e-12);
    ``S = Êᵀ Ê``; ``S' = γ·(S − β·mean(S))`` with β = 1.2, γ = 3.0 (``Config.proxy_beta`` / ``proxy_gamma``);
    ``S'[S' < 0] = −inf`` (exactly 0 is kept); ``A = softmax_row(S')``, shared by every head, no ``d^-0.5``;

@@ -93,7 +93,7 @@ def check_spectral(config: "Config") -> None:
     """Refuse baselines without a token-token graph to fuse the VFM graph into."""
     cls = config.registry.baseline(config.baseline)
     if not cls.has_fusable_graph(config.block):
-        note = cls.graph_fusion_note or "it has no attention graph to fuse the VFM graph into"
+        note = cls.no_graph_reason(config.block)
         attn = getattr(config.block, "attn", None)
         raise SettingError(
             f"spectral distillation (component 'spectral') cannot be combined with baseline {config.baseline!r}"

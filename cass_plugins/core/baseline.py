@@ -95,6 +95,13 @@ class Baseline:
         """Whether the last block computes a token-token graph another graph can be fused into."""
         return settings.attn != "identity"
 
+    @classmethod
+    def no_graph_reason(cls, settings: BlockSettings) -> str:
+        """Why these settings leave no graph to fuse into (shown when a graph-fusing component is refused)."""
+        if getattr(settings, "attn", None) == "identity":
+            return "attn='identity' (MaskCLIP) is the identity attention: no token-token graph"
+        return cls.graph_fusion_note or "it has no attention graph to fuse the VFM graph into"
+
     # -- the two hooks ------------------------------------------------------------------------------------------
     @hookimpl
     def cass_attention_graphs(self, ctx: BlockContext) -> list[Tensor]:

@@ -427,8 +427,9 @@ def patch_clip(
     try:
         handle.baseline = baseline_cls(config.block, runtime)
         handle.pm.register(handle.baseline, name="baseline")
-        # pluggy calls the last registered first: each stage is registered in reverse, so a hook runs the
-        # components in registry order; block components run before user plugins, text ones after them
+        # pluggy calls the last registered first: each stage is registered in reverse, so within a stage a hook
+        # runs the components in registry order. Across stages a shared hook runs text components, then user
+        # plugins, then block components (in practice the stages implement different hooks)
         stages = {name: REGISTRY.component(name).stage for name in config.components}
         for name in reversed([n for n in config.components if stages[n] == "block"]):
             handle.components[name] = REGISTRY.component(name).factory(config[name], runtime)
