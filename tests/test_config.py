@@ -151,3 +151,13 @@ def test_ambiguous_flat_keys_are_refused_with_the_dotted_choices():
     with pytest.raises(ValueError, match=r"component 'loud' is registered twice \(by _toy_components and "
                                          r"_toy_components_again\)"):
         twice.load()
+
+
+def test_legacy_flat_key_of_a_switched_off_component_is_refused_where_it_would_miss():
+    # under cdam-* presets OTA is off and CDAM has an alpha: "alpha" would silently set OTA's
+    with pytest.raises(SettingError, match=r"'alpha' is ambiguous here: ota\.alpha .*cdam\.alpha"):
+        resolve_config("cdam-sclip", alpha=0.5)
+    assert resolve_config("cdam-sclip", **{"cdam.alpha": 0.5})["cdam"].alpha == 0.5
+    with pytest.raises(SettingError, match=r"'gamma' is ambiguous here: ops\.gamma .*proxyclip\.gamma"):
+        resolve_config("proxyclip", gamma=2.0)
+    assert resolve_config("cass-official", alpha=0.5)["ota"].alpha == 0.5  # OTA on: the 0.1 meaning

@@ -193,6 +193,15 @@ def _flat_target(config: Config, registry: Registry, key: str) -> tuple[str, ...
             return ("toggle", name)
     for name, spec in registry.components.items():
         if key in spec.legacy_keys:
+            # a key of 0.1 keeps its meaning, unless its component is off while the active baseline or a
+            # switched-on component has a setting of that name: then it would silently miss what it seems to set
+            live = [o for o in _field_owners(config, registry, key)
+                    if o != name and (o == config.baseline or o in config.components)]
+            if name not in config.components and live:
+                raise SettingError(
+                    f"{key!r} is ambiguous here: {name}.{key} (component {name!r} is off) or "
+                    f"{', '.join(f'{o}.{key}' for o in live)}; use the dotted key"
+                )
             return ("field", name, spec.legacy_keys[key])
     block = registry.baselines[config.baseline]
     if key in block.legacy_keys:
