@@ -311,8 +311,16 @@ def dataset_values(preset: str, dataset: str) -> str | None:
     return dataset if dataset in REGISTRY.preset(preset).datasets else None
 
 
+def _cli_main(argv: Sequence[str] | None = None) -> int:
+    """``cass-eval`` for ``python -m`` / ``torchrun -m cass_plugins.evaluation.runner`` (the former module path)."""
+    # Imported when called: cli/evaluate.py imports this module, so a module-level import would be a cycle.
+    from cass_plugins.cli.evaluate import main
+
+    return main(argv)
+
+
 def __getattr__(name: str) -> Any:
-    # ``main`` moved to cass_plugins.cli.evaluate (which imports this module): imported lazily, on first use.
+    # ``main`` moved to cass_plugins.cli.evaluate; ``from cass_plugins.evaluation.runner import main`` still works.
     if name == "main":
         from cass_plugins.cli.evaluate import main
 
@@ -321,6 +329,4 @@ def __getattr__(name: str) -> Any:
 
 
 if __name__ == "__main__":
-    from cass_plugins.cli.evaluate import main as _main
-
-    sys.exit(_main())
+    sys.exit(_cli_main())
