@@ -5,7 +5,8 @@ component that runs them inside a CLIP ViT, including pass 2 through the last bl
 :class:`cass_plugins.adapters.cdam.CDAM`; every function here is called by it (the spec's L×L formulation of the
 passes is a test-side reference, ``tests/reference_cdam.py``).
 Section numbers (§n) refer to ``docs/spec/cdam.md``; the defaults reproduce the authors' repository, and every
-place where the paper differs (§15) is a named keyword (see ``CDAM_VARIANTS`` and ``docs/cdam.md``).
+place where the paper differs (§15) is a named keyword. The settings, presets and per-dataset values that choose
+these keywords are :class:`cass_plugins.adapters.cdam.CDAMConfig` and the ``cdam-*`` presets (``docs/cdam.md``).
 
 Layout follows the library convention: batch-first, patches row-major, ``(B, N, C)`` for per-patch class scores,
 ``(B, N, N)`` for patch-to-patch maps (rows are queries, columns keys), ``(B, L, D)`` tokens with CLS at index 0.
@@ -34,8 +35,6 @@ __all__ = [
     "ENTROPY_LOG_BASE",
     "ENTROPY_ALPHA",
     "DEFAULT_THRESHOLD",
-    "CDAM_DATASET_DEFAULTS",
-    "CDAM_VARIANTS",
     "MultiscaleOrder",
     "class_distribution",
     "pairwise_jsd",
@@ -94,81 +93,8 @@ ENTROPY_ALPHA: float = 2.5
 #: Thr_default of the entropy threshold (§10).
 DEFAULT_THRESHOLD: float = 0.5
 
-_REPO_COMMON: dict[str, object] = {
-    "model": "ViT-B-16",
-    "pretrained": "openai",
-    "num_atp": len(ATP_PROMPTS),
-    "class_temperature": CLASS_TEMPERATURE,
-    "attention_temperature": ATTENTION_TEMPERATURE,
-    "scales": CDAM_SCALES,
-    "entropy_scale": ENTROPY_SCALE,
-    "entropy_log_base": ENTROPY_LOG_BASE,
-    "alpha": ENTROPY_ALPHA,
-    "default_threshold": DEFAULT_THRESHOLD,
-    "logit_scale": 50.0,
-    "resize_scale": (2048, 448),  # mmseg Resize(scale, keep_ratio=True): short side 448, long side ≤ 2048
-    "slide_crop": 448,
-    "slide_stride": 224,
-    "pamr_steps": 0,
-}
-
-#: Per-dataset defaults as plain data (§12). ``background_threshold`` says whether the entropy threshold relabels
-#: low-confidence pixels to class 0. The three repo configs are facts; the no-background datasets are the paper's
-#: Table 2 with the same constants and thresholding off (§10, §12), where resize/window/logit scale are an
-#: inference of the spec, not a repo fact (``source`` says which).
-CDAM_DATASET_DEFAULTS: dict[str, dict[str, object]] = {
-    "voc21": {
-        **_REPO_COMMON, "num_classes": 21, "class_file": "cls_voc21.txt", "background_name": "background",
-        "background_threshold": True, "source": "repo configs/cfg_voc21.py",
-    },
-    "context60": {
-        **_REPO_COMMON, "num_classes": 60, "class_file": "cls_context60.txt", "background_name": "background",
-        "background_threshold": True, "source": "repo configs/cfg_context60.py",
-    },
-    "coco_object": {
-        **_REPO_COMMON, "num_classes": 81, "class_file": "cls_coco_object.txt", "background_name": "sky",
-        "background_threshold": True, "source": "repo configs/cfg_coco_object.py",
-    },
-    "coco_stuff164k": {
-        **_REPO_COMMON, "num_classes": 171, "background_threshold": False,
-        "source": "inferred (paper Table 2; not in repo)",
-    },
-    "city_scapes": {
-        **_REPO_COMMON, "num_classes": 19, "background_threshold": False,
-        "source": "inferred (paper Table 2; not in repo)",
-    },
-    "ade20k": {
-        **_REPO_COMMON, "num_classes": 150, "background_threshold": False,
-        "source": "inferred (paper Table 2; not in repo)",
-    },
-}
-
+#: §15.3: ``"upsample_divergence"`` (repo) or ``"upsample_attention"`` (the paper's Eq. 3).
 MultiscaleOrder = Literal["upsample_divergence", "upsample_attention"]
-
-#: The §15 paper-vs-repo switches. Keys are :class:`cass_plugins.adapters.cdam.CDAMConfig` fields, except
-#: ``log_base`` (the field ``entropy_log_base``) and ``pass1_attention`` (the baseline's last block).
-CDAM_VARIANTS: dict[str, dict[str, object]] = {
-    "repo": {
-        "minmax": True,  # §15.4: min-max before and after the row softmax
-        "multiscale_order": "upsample_divergence",  # §15.3: up-sample JSD, then §6 at full resolution
-        "entropy_scale": ENTROPY_SCALE,  # §15.5: ×50
-        "log_base": ENTROPY_LOG_BASE,  # §15.5: bits
-        "threshold_granularity": "last_window",  # §15.5: last sliding window's threshold for the whole image
-        "row_normalize": False,  # §15.6: CDAM matrix used as is
-        "pass1_attention": "identity",  # §15.2: MaskCLIP-style identity attention in pass 1
-    },
-    "paper": {
-        # The paper says the min-max steps were "omitted for simplicity" from Eq. 2, i.e. they are part of the
-        # method; ``minmax=False`` gives the literal Eq. 2.
-        "minmax": True,
-        "multiscale_order": "upsample_attention",  # Eq. 3: softmax at low resolution, then up-sample
-        "entropy_scale": 1.0 / CLASS_TEMPERATURE,  # S = Softmax(ρ / τ) with the same τ = 0.1
-        "log_base": math.e,  # unspecified in the paper; natural log is a guess
-        "threshold_granularity": "image",  # "over all image patches"
-        "row_normalize": False,  # paper silent
-        "pass1_attention": "identity",  # the MaskCLIP + CDAM row; other baselines unspecified
-    },
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
