@@ -345,7 +345,7 @@ CDAM_DATASETS: dict[str, dict[str, Any]] = {
     "ade20k": {"cdam.entropy_threshold": False, "prob_thd": 0.0},
 }
 
-#: The paper-vs-repo switches of §15 (docs/cdam.md, "Paper vs repository"): what cdam-paper changes.
+#: The paper-vs-repo switches of §15 (docs/cdam.md, "Paper-vs-repo switches"): what cdam-paper changes.
 _PAPER_SWITCHES: dict[str, Any] = {
     "cdam.multiscale_order": "upsample_attention",
     "cdam.entropy_scale": 1.0 / cm.CLASS_TEMPERATURE,
