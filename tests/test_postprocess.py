@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cass_plugins.pipeline.postprocess import logits_to_labels, upsample_logits
+from cass_plugins.pipeline.postprocess import labels_at_size, logits_to_labels, upsample_banded, upsample_logits, upsample_rows
 
 
 def _softmax_np(x: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -241,3 +241,57 @@ def test_peak_memory_is_bounded_by_the_chunk():
     assert large < 150 * one_plane / 5  # far below one more copy of the logits (900 MB)
     single = peak_extra_bytes(150, 1000, 1500, chunk_pixels=10**9)  # one chunk: the former whole-image path
     assert single > 5 * large, (single, large)
+
+
+# ------------------------------------------------------------------------------------------------ row bands
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("src, size", [((6, 9), (37, 53)), ((23, 17), (200, 301)), ((40, 30), (29, 11)), ((5, 5), (5, 40))])
+def test_row_bands_equal_one_call_and_match_interpolate(dtype, src, size):
+    """Any split into bands gives the bits of one call; both agree with F.interpolate and a float64 formula."""
+    grid = torch.randn(4, *src, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    full = upsample_rows(grid, size, (0, size[0]))
+    assert full.shape == (4, *size) and full.dtype == dtype
+    for rows in (1, 3, 16):
+        bands = [upsample_rows(grid, size, (r, min(size[0], r + rows))) for r in range(0, size[0], rows)]
+        assert torch.equal(torch.cat(bands, 1), full), rows
+    assert torch.equal(upsample_banded(grid, size, band_elements=4 * size[1] * 3), full)
+    ref = F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
+    eps = torch.finfo(dtype).eps * float(grid.abs().max())
+    assert float((full - ref).abs().max()) <= 32 * eps
+    np.testing.assert_allclose(full.double().numpy(), _bilinear_np(grid.double().numpy(), size), rtol=0, atol=32 * eps)
+
+
+def test_upsample_rows_rejects_bad_ranges():
+    with pytest.raises(ValueError, match="rows"):
+        upsample_rows(torch.zeros(2, 3, 3), (6, 6), (4, 4))
+    with pytest.raises(ValueError, match="rows"):
+        upsample_rows(torch.zeros(2, 3, 3), (6, 6), (0, 7))
+
+
+@pytest.mark.parametrize("area_thd", [None, 0.3])
+@pytest.mark.parametrize("prob_thd", [0.0, 0.5])
+def test_labels_at_size_equal_float64_reference(area_thd, prob_thd):
+    """Banded labels = full upsample + softmax + synonym max + area rule + threshold, in float64 numpy."""
+    gen = torch.Generator().manual_seed(8)
+    grid = torch.rand(7, 9, 13, generator=gen, dtype=torch.float64) * 0.3
+    size = (61, 83)
+    q2c = [0, 1, 1, 2, 3, 3, 1]
+    kw = dict(logit_scale=40.0, prob_thd=prob_thd, area_thd=area_thd)
+    labels = labels_at_size(grid, size, q2c, band_elements=7 * 83 * 4, **kw)  # 4-row bands
+    full_labels, _ = logits_to_labels(upsample_banded(grid, size), q2c, **kw)
+    assert torch.equal(labels, full_labels)
+
+    p = _softmax_np(40.0 * _bilinear_np(grid.numpy(), size), axis=0)
+    cls = np.stack([p[0], p[[1, 2, 6]].max(0), p[3], p[[4, 5]].max(0)])
+    if area_thd is not None:
+        counts = np.bincount(cls.argmax(0).ravel(), minlength=4)
+        dropped = [c for c in range(1, 4) if counts[c] <= area_thd * counts[1:].sum()]
+        assert dropped  # the rule acts on this input
+        cls[dropped] = 0
+    expected = np.where(cls.max(0) < prob_thd, 0, cls.argmax(0))
+    np.testing.assert_array_equal(labels.numpy(), expected)
+    assert len(np.unique(expected)) >= 2
+    if prob_thd:
+        assert ((expected == 0) & (cls.argmax(0) != 0)).any()  # the threshold acts

@@ -463,3 +463,96 @@ def test_loading_errors(tmp_path):
         load_vfm("not_a_vit_at_all", "random")
     with pytest.raises(ValueError, match="precision"):
         load_vfm("vit_small_patch16_224", "random", precision="fp8")
+
+
+# ------------------------------------------------------------------------------------------------ maps=False
+def ref_labels64(small: torch.Tensor, size, vocab: Vocabulary, prob_thd: float, area_thd: float | None):
+    """Labels and decisive class probabilities from low-resolution logits, all in float64: one full bilinear
+    upsample, softmax, synonym max, SCLIP's area rule on foreground pixels, background threshold."""
+    probs = ref_class_probs(bilinear64(small, size), vocab)
+    if area_thd is not None:
+        counts = torch.bincount(probs.argmax(0).flatten(), minlength=vocab.num_classes)
+        for c in range(1, vocab.num_classes):
+            if counts[c] <= area_thd * counts[1:].sum():
+                probs[c] = 0
+    best = probs.max(0)
+    return torch.where(best.values < prob_thd, torch.zeros_like(best.indices), best.indices), probs
+
+
+@pytest.mark.parametrize("mode", ["slide", "whole"])
+@pytest.mark.parametrize("size", [(300, 451), (517, 389), (61, 90)])
+@pytest.mark.parametrize("thresholds", [dict(), dict(prob_thd=0.3), dict(area_thd=0.2)])
+def test_labels_without_maps_equal_labels_with_maps_and_float64_reference(models, chelsea, mode, size, thresholds):
+    clip, vfm = models
+    vocab = Vocabulary.parse(VOCAB)
+    image = np.asarray(Image.fromarray(chelsea).resize(size[::-1], Image.BILINEAR))
+    with Segmenter(clip, vfm, vocabulary=vocab, mode=mode, **SMALL, **STABLE, **thresholds) as seg:
+        full = seg.segment(image)
+        lean = seg.segment(image, maps=False)
+        x, _ = seg.preprocess(image)
+    assert lean.probs is None and full.probs is not None
+    assert lean.labels.shape == full.labels.shape == size
+    assert lean.logits.shape == (len(vocab.queries), *x.shape[-2:])  # the resized input's size
+    assert torch.equal(lean.labels, full.labels)
+    assert lean.class_areas() == full.class_areas()
+    # whole mode's two steps: the maps are one bilinear step from the low-resolution logits
+    assert torch.allclose(full.logits.double(), bilinear64(lean.logits, size), atol=1e-5)
+    labels, probs = ref_labels64(lean.logits, size, vocab, thresholds.get("prob_thd", 0.0), thresholds.get("area_thd"))
+    top2 = probs.topk(2, dim=0).values
+    clear = ((top2[0] - top2[1]) > 1e-5) & ((top2[0] - thresholds.get("prob_thd", 0.0)).abs() > 1e-5)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(lean.labels[clear], labels[clear])
+    assert len(labels.unique()) >= 2
+    if "prob_thd" in thresholds:
+        assert ((labels == 0) & (probs.argmax(0) != 0)).any()  # the threshold acted
+    if "area_thd" in thresholds:
+        assert (probs == 0).all(dim=(1, 2)).any()  # the area rule dropped a class
+
+
+def test_labels_without_maps_with_pamr(models, chelsea):
+    clip, vfm = models
+    with Segmenter(clip, vfm, vocabulary=VOCAB, pamr_steps=2, pamr_dilations=(1, 2), **SMALL) as seg:
+        full = seg.segment(chelsea)
+        lean = seg.segment(chelsea, maps=False)
+        x, _ = seg.preprocess(chelsea)
+    assert lean.probs is None and lean.logits.shape[-2:] == x.shape[-2:]
+    assert torch.equal(lean.labels, full.labels)
+
+
+_SEGMENT_MEMORY_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[5])
+from conftest import make_tiny_clip, make_tiny_vfm
+from cass_plugins.pipeline.segmenter import Segmenter
+h, w, q, maps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+torch.set_num_threads(2)
+image = (torch.rand(3, h, w) * 255).to(torch.uint8)
+with Segmenter(make_tiny_clip(), make_tiny_vfm(), vocabulary=[f"class {i}" for i in range(q)], short_side=64,
+               crop=64, stride=32, text_cache=False) as seg:
+    seg.segment(image[:, :64, :64])  # text embeddings and lazy imports outside the measurement
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    seg.segment(image, maps=maps)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+def segment_peak_extra_bytes(height: int, width: int, queries: int, maps: bool) -> int:
+    """Growth of the peak resident memory over one ``segment`` call, in a fresh process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", _SEGMENT_MEMORY_SCRIPT, str(height), str(width), str(queries),
+                           "1" if maps else "0", str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=900, check=True)
+    return int(proc.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_segment_without_maps_has_bounded_memory():
+    """1000×1500, 150 classes: the maps take 0.9 GB each; the bounded path stays within labels + bands."""
+    lean = segment_peak_extra_bytes(1000, 1500, 150, maps=False)
+    one_map = 150 * 1000 * 1500 * 4
+    assert lean < 400e6, lean  # labels 12 MB + a few 32 MiB bands
+    full = segment_peak_extra_bytes(1000, 1500, 150, maps=True)
+    assert full > 1.5 * one_map and full > 10 * lean, (lean, full)  # measured: 16 MB vs 1.66 GB

@@ -214,7 +214,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         for path, stem in tqdm(list(zip(args.images, stems)), desc="segmenting", unit="img",
                                disable=len(args.images) < 2):
             try:
-                result = segmenter.segment(path)
+                result = segmenter.segment(path, maps=False)  # labels only: bounded memory on large images
                 areas = result.class_areas()
                 summary = {
                     "image": str(path),

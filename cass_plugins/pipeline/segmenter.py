@@ -18,7 +18,7 @@ from cass_plugins.core.config import Config
 from cass_plugins.core.patch import PatchHandle, patch_clip
 from cass_plugins.pipeline.image import ImageSource, clip_normalize, load_image, resize_short_side
 from cass_plugins.pipeline.pamr import apply_pamr
-from cass_plugins.pipeline.postprocess import logits_to_labels, upsample_logits
+from cass_plugins.pipeline.postprocess import labels_at_size, logits_to_labels, upsample_banded, upsample_logits
 from cass_plugins.pipeline.text import default_tokenizer, encode_text
 from cass_plugins.pipeline.vocabulary import Vocabulary
 from cass_plugins.pipeline.windows import SlidingWindowAccumulator, iter_window_batches, window_grid
@@ -28,12 +28,15 @@ __all__ = ["Segmenter", "SegmentationResult"]
 
 @dataclass
 class SegmentationResult:
-    """Output of :meth:`Segmenter.segment`, all at the original image size.
+    """Output of :meth:`Segmenter.segment`, at the original image size unless ``segment(..., maps=False)``.
 
     Attributes:
-        labels: ``(H, W)`` int64 class indices into ``vocabulary.class_names``.
-        probs: ``(C, H, W)`` per-class probabilities (max over synonyms, not renormalised).
-        logits: ``(Q, H, W)`` raw cosine logits per query (after the prior and PAMR, before the logit scale).
+        labels: ``(H, W)`` int64 class indices into ``vocabulary.class_names`` (always at the original size).
+        probs: ``(C, H, W)`` per-class probabilities (max over synonyms, not renormalised); ``None`` with
+            ``maps=False``.
+        logits: ``(Q, H, W)`` raw cosine logits per query (after the prior and PAMR, before the logit scale); with
+            ``maps=False`` the ``(Q, h, w)`` logits at the resized input's size, before PAMR, from which the labels
+            were upsampled.
         vocabulary: the vocabulary used.
         record: per-image inspection data: ``"windows"`` the ``(y1, y2, x1, x2)`` box of every window (one
             whole-image box in whole mode); ``"matching"`` one :class:`~cass_plugins.cass.matching.HeadMatching` per
@@ -44,7 +47,7 @@ class SegmentationResult:
     """
 
     labels: Tensor
-    probs: Tensor
+    probs: Tensor | None
     logits: Tensor
     vocabulary: Vocabulary
     record: dict[str, Any] = field(default_factory=dict)
@@ -142,8 +145,27 @@ class Segmenter:
         return clip_normalize(resized)[None].to(self.device), original
 
     @torch.no_grad()
-    def segment(self, image: ImageSource, vocabulary: Any = None) -> SegmentationResult:
-        """Segment one image (path, PIL image, numpy array or tensor) with ``vocabulary`` (or the default one)."""
+    def segment(self, image: ImageSource, vocabulary: Any = None, *, maps: bool = True) -> SegmentationResult:
+        """Segment one image (path, PIL image, numpy array or tensor) with ``vocabulary`` (or the default one).
+
+        Args:
+            image: the image.
+            vocabulary: classes for this call (any form :meth:`Vocabulary.parse` accepts); default: the Segmenter's.
+            maps: ``True``: the result also holds the ``(C, H, W)`` probabilities and ``(Q, H, W)`` logits at the
+                original size. ``False``: only the labels are computed at that size, in bands of rows (each band
+                upsampled, softmaxed and decided on its own; SCLIP's area rule takes a second pass), so neither map
+                is ever held; ``probs`` is ``None`` and ``logits`` stays at the resized input's size. The labels are
+                identical to ``maps=True``. With PAMR (``pipeline.pamr_steps > 0``), which needs the full-resolution
+                logits, ``maps=False`` still builds them (the memory is not bounded) and only drops them from the
+                result.
+
+        Memory, measured (growth of the peak RSS over the call in a fresh process, tiny CLIP at ``short_side=64``,
+        150 classes, 3000×2000 image, so nearly all of it is post-processing; ``tests/test_segmenter.py::
+        segment_peak_extra_bytes``): ``maps=True`` 7.4 GB, ``maps=False`` 0.35 GB. The bounded path holds the labels
+        (8 bytes per pixel: 192 MB at 6000×4000) plus a few 32 MiB band temporaries, so ~0.5 GB at 6000×4000 × 150
+        classes, where ``maps=True`` needs ~30 GB (logits and probabilities at 14.4 GB each). With an area threshold
+        (``area_thd``) the bounded path computes every band twice.
+        """
         if not self.handle.active:
             raise RuntimeError("this Segmenter was closed (its model is unpatched); create a new one")
         vocab = _parse_vocabulary(vocabulary) if vocabulary is not None else self.vocabulary
@@ -159,7 +181,8 @@ class Segmenter:
         if whole:
             box = [(0, x.shape[-2], 0, x.shape[-1])]
             logits = handle.logits(x, text, vocabulary=vocab, whole_image=True, windows=box)
-            logits = upsample_logits(logits[0], original, two_step_via=tuple(x.shape[-2:]))
+            # two_step_via: grid → resized input here, input → original below (two bilinear steps)
+            logits = upsample_logits(logits[0], tuple(x.shape[-2:]))
         else:
             h, w = x.shape[-2:]
             acc = SlidingWindowAccumulator(len(vocab.queries), h, w, device=x.device, dtype=torch.float32)
@@ -167,18 +190,24 @@ class Segmenter:
             for batch in iter_window_batches(windows, cfg.window_batch):
                 crops = torch.cat([x[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in batch])
                 acc.add_batch(batch, handle.logits(crops, text, vocabulary=vocab, windows=batch))
-            logits = upsample_logits(acc.result(), original)
+            logits = acc.result()
 
         ictx = handle.end_image()  # e.g. CDAM's per-image entropy threshold
+        record = {**handle.image_record, **ictx.record}
+        q2c = vocab.query_to_class_tensor(logits.device)
+        decision = dict(logit_scale=cfg.logit_scale, prob_thd=ictx.prob_thd, area_thd=cfg.area_thd)
+        if not maps and cfg.pamr_steps == 0:
+            labels = labels_at_size(logits, original, q2c, **decision)
+            return SegmentationResult(labels.cpu(), None, logits.cpu(), vocab, record)
+        # the same bands of rows as labels_at_size: the same bits, so both give the same labels
+        full = upsample_banded(logits, original)
         if cfg.pamr_steps > 0:
             guide = F.interpolate(x.float(), size=original, mode="bilinear", align_corners=False)
-            logits = apply_pamr(guide, logits[None], cfg.pamr_steps, cfg.pamr_dilations)[0]
-        labels, probs = logits_to_labels(
-            logits, vocab.query_to_class_tensor(logits.device), logit_scale=cfg.logit_scale, prob_thd=ictx.prob_thd,
-            area_thd=cfg.area_thd,
-        )
-        record = {**handle.image_record, **ictx.record}
-        return SegmentationResult(labels.cpu(), probs.cpu(), logits.cpu(), vocab, record)
+            full = apply_pamr(guide, full[None], cfg.pamr_steps, cfg.pamr_dilations)[0]
+        labels, probs = logits_to_labels(full, q2c, **decision)
+        if not maps:
+            return SegmentationResult(labels.cpu(), None, logits.cpu(), vocab, record)
+        return SegmentationResult(labels.cpu(), probs.cpu(), full.cpu(), vocab, record)
 
     def _embed_names(self, names: Sequence[str]) -> Tensor:
         """``(n, d)`` embeddings of extra prompts (one query each, duplicates kept), as the vocabulary's."""
