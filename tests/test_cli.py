@@ -319,3 +319,11 @@ def test_full_size_random_checkpoints_on_a_photo(tmp_path, capsys):
     summary = check_outputs(out, "astronaut", decoded, 2)
     assert summary["config"]["pipeline"]["short_side"] == 336 and "spectral" in summary["config"]["components"]
     assert "wrote 3 files" in capsys.readouterr().out
+
+
+def test_set_value_errors_do_not_blame_image_files(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--print-config", "--set", "stride=500"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "pipeline.stride=500 exceeds pipeline.crop=224" in err
+    assert "image files" not in err

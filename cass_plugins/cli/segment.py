@@ -165,7 +165,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)  # every key and value checked before any model loads
     except SettingError as err:
-        hint = " (put the image files before --set, or end the --set list with --)" if args.set else ""
+        # an item without "=" is usually an image file that argparse took into the --set list
+        swallowed = any("=" not in item for item in args.set)
+        hint = " (put the image files before --set, or end the --set list with --)" if swallowed else ""
         raise _CliError(f"{err}{hint}") from err
     if args.print_config:
         print(config.describe())
