@@ -261,10 +261,8 @@ class PatchHandle:
         self._check_active()
         if image is not None and image is not self._image.image:
             self.begin_image(image, text, vocabulary=vocabulary)
-        dense = _dense_or_explain(self.model, crops, self.vfm)
+        dense = encode_dense(self.model, crops)  # names the cause of any NaN/inf itself
         features = dense.features.float()
-        if not torch.isfinite(features).all():
-            raise FloatingPointError(non_finite_message("the CLIP patch features", self.model, self.vfm))
         b = features.shape[0]
         prior = None
         if self.needs_prior:
@@ -564,11 +562,6 @@ def _explain_failure(model: nn.Module, images: Tensor, vfm: Any, err: Exception)
         return None
     where = f"the {' and '.join(overflowed)} activations" if overflowed else "the attention keys"
     return FloatingPointError(non_finite_message(where, model, vfm))
-
-
-def _dense_or_explain(model: nn.Module, crops: Tensor, vfm: Any) -> DenseOutput:
-    """:func:`encode_dense`, which names the cause of NaN/inf itself (kept for the callers in this module)."""
-    return encode_dense(model, crops)
 
 
 def _checked_prior(image_embeds: Tensor, text: Tensor, model: nn.Module) -> Tensor:
