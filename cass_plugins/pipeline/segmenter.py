@@ -160,8 +160,8 @@ class Segmenter:
                 result.
 
         Memory, measured (growth of the peak RSS over the call in a fresh process, tiny CLIP at ``short_side=64``,
-        150 classes, 3000×2000 image, so nearly all of it is post-processing; ``tests/test_segmenter.py::
-        segment_peak_extra_bytes``): ``maps=True`` 7.4 GB, ``maps=False`` 0.35 GB. The bounded path holds the labels
+        150 classes, 3000×2000 image, so nearly all of it is post-processing; one run on a shared 2-core machine,
+        ``resource.getrusage`` around the call): ``maps=True`` 7.4 GB, ``maps=False`` 0.35 GB. The bounded path holds the labels
         (8 bytes per pixel: 192 MB at 6000×4000) plus a few 32 MiB band temporaries, so ~0.5 GB at 6000×4000 × 150
         classes, where ``maps=True`` needs ~30 GB (logits and probabilities at 14.4 GB each). With an area threshold
         (``area_thd``) the bounded path computes every band twice.
