@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import pickle
-import re
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping

@@ -27,7 +27,10 @@ __all__ = ["SpectralConfig", "SpectralAttentionHook", "matching_for_window", "ch
 
 
 def _is_heads(value: Any) -> bool:
-    return isinstance(value, tuple) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    """A non-empty sequence of int head indices (bools are not heads)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    )
 
 
 def _check_matching(value: Any) -> str | None:
@@ -109,13 +112,13 @@ def matching_for_window(matching: Any, cost: Tensor, window: int) -> str | Seque
     """
     if callable(matching):
         chosen = matching(cost.detach().clone(), window)
-        if not isinstance(chosen, (str, Tensor)) and not _is_int_sequence(chosen):
+        if not isinstance(chosen, (str, Tensor)) and not _is_heads(chosen):
             raise TypeError(
                 f"the matching callable returned {chosen!r} for window {window}: return a strategy name or a "
                 "sequence of VFM head indices (one per CLIP head)"
             )
         return chosen
-    if isinstance(matching, str) or _is_int_sequence(matching):
+    if isinstance(matching, str) or _is_heads(matching):
         return matching
     if window >= len(matching):
         raise ValueError(
@@ -123,10 +126,6 @@ def matching_for_window(matching: Any, cost: Tensor, window: int) -> str | Seque
             "per window of every image (cass_plugins.pipeline.windows.window_grid counts them), or a callable"
         )
     return matching[window]
-
-
-def _is_int_sequence(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 class SpectralAttentionHook:

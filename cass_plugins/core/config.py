@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .registry import REGISTRY, ComponentSpec, Registry
+from .registry import REGISTRY, Registry
 from .settings import Settings, SettingError, parse_setting, setting
 
 __all__ = [
