@@ -7,7 +7,6 @@ dense features → text components → cosine logits → logit components) → a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -18,45 +17,13 @@ from cass_plugins.core.config import Config
 from cass_plugins.core.patch import PatchHandle, patch_clip
 from cass_plugins.pipeline.image import ImageSource, clip_normalize, load_image, resize_short_side
 from cass_plugins.pipeline.pamr import apply_pamr
+from cass_plugins.pipeline.result import SegmentationResult
 from cass_plugins.pipeline.postprocess import labels_at_size, logits_to_labels, upsample_banded, upsample_logits
 from cass_plugins.pipeline.text import default_tokenizer, encode_text
 from cass_plugins.pipeline.vocabulary import Vocabulary
 from cass_plugins.pipeline.windows import SlidingWindowAccumulator, iter_window_batches, window_grid
 
 __all__ = ["Segmenter", "SegmentationResult"]
-
-
-@dataclass
-class SegmentationResult:
-    """Output of :meth:`Segmenter.segment`, at the original image size unless ``segment(..., maps=False)``.
-
-    Attributes:
-        labels: ``(H, W)`` int64 class indices into ``vocabulary.class_names`` (always at the original size).
-        probs: ``(C, H, W)`` per-class probabilities (max over synonyms, not renormalised); ``None`` with
-            ``maps=False``.
-        logits: ``(Q, H, W)`` raw cosine logits per query (after the prior and PAMR, before the logit scale); with
-            ``maps=False`` the ``(Q, h, w)`` logits at the resized input's size, before PAMR, from which the labels
-            were upsampled.
-        vocabulary: the vocabulary used.
-        record: per-image inspection data: ``"windows"`` the ``(y1, y2, x1, x2)`` box of every window (one
-            whole-image box in whole mode); ``"matching"`` one :class:`~cass_plugins.cass.matching.HeadMatching` per
-            window in the same order (assignment, weights, margin, cost; empty without spectral distillation;
-            for baselines with two graphs the first graph's, all of them under ``"matching_per_source"``);
-            ``"ota_clusters"`` the OTA clusters as tuples of query names; and what components added through
-            ``ImageContext.record``.
-    """
-
-    labels: Tensor
-    probs: Tensor | None
-    logits: Tensor
-    vocabulary: Vocabulary
-    record: dict[str, Any] = field(default_factory=dict)
-
-    def class_areas(self) -> dict[str, float]:
-        """Fraction of the image assigned to each class (classes with zero area included)."""
-        counts = torch.bincount(self.labels.flatten().cpu(), minlength=self.vocabulary.num_classes)
-        total = float(self.labels.numel())
-        return {name: counts[i].item() / total for i, name in enumerate(self.vocabulary.class_names)}
 
 
 class Segmenter:
@@ -71,6 +38,8 @@ class Segmenter:
         device: move the models there (default: where the CLIP model is).
         text_cache: keep text embeddings in the on-disk cache (:mod:`cass_plugins.pipeline.cache`); ``False``: no caching.
         progress: progress bar while encoding text (``None``: only on a terminal and for runs over a second).
+        sam: a :class:`~cass_plugins.backbone.sam.SamBackbone` (:func:`~cass_plugins.load_sam`) for Trident and the
+            ``sam_aggregate`` / ``sam_refine`` components; refused when none of them is switched on.
 
     The model stays patched until :meth:`close` (or the end of a ``with`` block).
     """
@@ -90,6 +59,7 @@ class Segmenter:
         plugins: Sequence[object] = (),
         text_cache: bool = True,
         progress: bool | None = None,
+        sam: Any = None,
         **overrides: Any,
     ) -> None:
         # Parse the vocabulary first: a bad one must not leave the model patched.
@@ -112,6 +82,7 @@ class Segmenter:
         self.device = next(clip_model.parameters()).device
         self.vocabulary = default_vocabulary
         self.text_cache, self.progress = text_cache, progress
+        self.sam = sam
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:

@@ -1,0 +1,1 @@
+"""Video: streamed decoding, per-frame segmentation with temporal-consistency components, overlay export."""
