@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cass_plugins.cass.matching import HeadMatching
 
 __all__ = [
-    "patch_clip", "PatchHandle", "PatchRuntime", "encode_dense", "DenseOutput", "image_embedding", "get_patch",
+    "patch_clip", "PatchHandle", "PatchRuntime", "encode_dense", "DenseOutput", "encode_tokens", "DenseTokens", "image_embedding", "get_patch",
     "cosine_logits", "cosine_prior", "non_finite_message",
 ]
 
@@ -262,12 +262,42 @@ class PatchHandle:
         if image is not None and image is not self._image.image:
             self.begin_image(image, text, vocabulary=vocabulary)
         dense = encode_dense(self.model, crops)  # names the cause of any NaN/inf itself
-        features = dense.features.float()
+        return self.text_logits(dense.features, text, image_embeds=dense.image_embeds, vocabulary=vocabulary,
+                                whole_image=whole_image, windows=windows)
+
+    @torch.no_grad()
+    def text_logits(
+        self,
+        features: Tensor,
+        text: Tensor,
+        *,
+        image_embeds: Tensor | None = None,
+        vocabulary: Any = None,
+        whole_image: bool = False,
+        windows: Sequence[tuple[int, int, int, int]] | None = None,
+        record_windows: bool = True,
+    ) -> Tensor:
+        """The text side of :meth:`logits` on given projected features (``cass_adjust_text``, cosine logits,
+        ``cass_refine_logits``), e.g. Trident's spliced and aggregated map (docs/spec/trident.md §6).
+
+        Args:
+            features: ``(B, gh, gw, d)`` projected patch features.
+            text: ``(Q, d)`` query embeddings.
+            image_embeds: ``(B, d)`` the crops' own image embeddings (the prior with ``whole_image`` or
+                ``prior_source='crop'``).
+            vocabulary, whole_image, windows: as :meth:`logits`.
+            record_windows: record ``windows`` and the last forward's head matchings in :attr:`image_record`
+                (``False`` when the caller recorded the windows of the forward itself, as the splice pipeline
+                does: its one map comes from many windows).
+        """
+        features = features.float()
         b = features.shape[0]
         prior = None
         if self.needs_prior:
             if whole_image or self.config.pipeline.prior_source == "crop":
-                prior = _checked_prior(dense.image_embeds, text, self.model)
+                if image_embeds is None:
+                    raise ValueError("the prior of these features needs their image embeddings: pass image_embeds=")
+                prior = _checked_prior(image_embeds, text, self.model)
             elif self._image.prior is not None and self._image.prior_text is text:
                 prior = self._image.prior.expand(b, -1)
             elif self._image.image is not None:
@@ -286,18 +316,20 @@ class PatchHandle:
         boxes = list(windows) if windows is not None else None
         lctx = LogitsContext(logits=logits, features=features, text=tctx.text, prior=prior, windows=boxes)
         self.pm.hook.cass_refine_logits(ctx=lctx)
-        self._record(boxes, b, tctx.record)
+        if record_windows:
+            self.record_windows(boxes if boxes is not None else [None] * b)
+        if "ota_clusters" in tctx.record:
+            self._image.record["ota_clusters"] = tctx.record["ota_clusters"]
         return lctx.logits
 
-    def _record(self, boxes: list[tuple[int, int, int, int]] | None, b: int, text_record: dict[str, Any]) -> None:
+    def record_windows(self, boxes: Sequence[tuple[int, int, int, int] | None]) -> None:
+        """Record the boxes of the last forward's crops and their head matchings in :attr:`image_record`."""
         rec = self._image.record
-        rec["windows"].extend(boxes if boxes is not None else [None] * b)
+        rec["windows"].extend(boxes)
         rec["matching"].extend(self.last_matching)
         per_source = self.state.record.get("matching_per_source")
         if per_source is not None:  # one list per graph source, each with one matching per batch row
             rec["matching_per_source"].extend(zip(*per_source))
-        if "ota_clusters" in text_record:
-            rec["ota_clusters"] = text_record["ota_clusters"]
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
@@ -459,6 +491,46 @@ class DenseOutput:
     image_embeds: Tensor
 
 
+@dataclass
+class DenseTokens:
+    """The last block's tokens before the head: ``patches`` ``(B, gh, gw, D)`` on the output grid (the VFM grid
+    for ProxyCLIP), ``prefix`` ``(B, P, D)`` the CLS (+ register) tokens."""
+
+    patches: Tensor
+    prefix: Tensor
+
+
+def encode_tokens(model: nn.Module, images: Tensor) -> DenseTokens:
+    """The patched last block's output tokens, before ``ln_post``/``proj``, of a batch of CLIP-normalised crops.
+
+    What Trident splices (docs/spec/trident.md §4, P4): the window outputs are averaged and aggregated before the
+    head. Same checks as :func:`encode_dense`.
+    """
+    handle = get_patch(model)
+    access = handle.access if handle is not None else vit_access(model)
+    vfm = handle.vfm if handle is not None else None
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected CLIP-normalised crops of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise FloatingPointError("the input crops contain NaN or inf: check the image decoding and normalisation")
+    try:
+        tokens, grid = access.embed(images)
+        tokens = access.run_blocks(tokens, access.blocks)
+    except (torch.linalg.LinAlgError, ValueError, RuntimeError) as err:
+        # NaN/inf keys first surface inside the components (eigh/SVD of the spectra, the matching's solver) as a
+        # LinAlgError or ValueError; name the cause. Other errors (a missing vocabulary, a refused baseline) pass.
+        explained = _explain_failure(model, images, vfm, err)
+        if explained is None:
+            raise
+        raise explained from err
+    out_grid = handle.state.output_grid if handle is not None and not handle.state.bypass else None
+    out_grid = out_grid or grid
+    prefix, patches = tokens[:, : access.num_prefix_tokens], tokens[:, access.num_prefix_tokens:]
+    if patches.shape[1] != out_grid[0] * out_grid[1]:
+        raise RuntimeError(f"{patches.shape[1]} patch tokens do not fill the output grid {out_grid}")
+    return DenseTokens(patches.reshape(patches.shape[0], *out_grid, -1), prefix)
+
+
 def encode_dense(model: nn.Module, images: Tensor) -> DenseOutput:
     """Projected per-patch features and image embeddings of a batch of CLIP-normalised crops.
 
@@ -473,32 +545,16 @@ def encode_dense(model: nn.Module, images: Tensor) -> DenseOutput:
     handle = get_patch(model)
     access = handle.access if handle is not None else vit_access(model)
     vfm = handle.vfm if handle is not None else None
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected CLIP-normalised crops of shape (B, 3, H, W), got {tuple(images.shape)}")
-    if not torch.isfinite(images).all():
-        raise FloatingPointError("the input crops contain NaN or inf: check the image decoding and normalisation")
-    try:
-        tokens, grid = access.embed(images)
-        tokens = access.run_blocks(tokens, access.blocks)
-        projected = access.head(tokens)
-    except (torch.linalg.LinAlgError, ValueError, RuntimeError) as err:
-        # NaN/inf keys first surface inside the components (eigh/SVD of the spectra, the matching's solver) as a
-        # LinAlgError or ValueError; name the cause. Other errors (a missing vocabulary, a refused baseline) pass.
-        explained = _explain_failure(model, images, vfm, err)
-        if explained is None:
-            raise
-        raise explained from err
-    out_grid = handle.state.output_grid if handle is not None and not handle.state.bypass else None
-    out_grid = out_grid or grid
+    tokens = encode_tokens(model, images)
+    b, gh, gw, width = tokens.patches.shape
+    projected = access.head(torch.cat([tokens.prefix, tokens.patches.reshape(b, gh * gw, width)], dim=1))
     patches = projected[:, access.num_prefix_tokens:]
-    if patches.shape[1] != out_grid[0] * out_grid[1]:
-        raise RuntimeError(f"{patches.shape[1]} patch tokens do not fill the output grid {out_grid}")
     # One reduction over the outputs (cheap next to the forward); the parameters are scanned only when it fails.
     if not torch.isfinite(patches).all():
         raise FloatingPointError(non_finite_message("the CLIP patch features", model, vfm))
     if not torch.isfinite(projected[:, 0]).all():
         raise FloatingPointError(non_finite_message("the CLIP image embedding (CLS token)", model, vfm))
-    return DenseOutput(patches.reshape(patches.shape[0], *out_grid, -1), projected[:, 0])
+    return DenseOutput(patches.reshape(b, gh, gw, -1), projected[:, 0])
 
 
 def image_embedding(model: nn.Module, images: Tensor) -> Tensor:
