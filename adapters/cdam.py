@@ -378,6 +378,12 @@ def _check_cdam(config: Any) -> None:
             "component 'cdam' cannot be combined with baseline 'proxyclip': ProxyCLIP's output lives on the VFM "
             "grid and CDAM's second pass needs the CLIP grid; use maskclip, sclip, clearclip, vanilla or naclip"
         )
+    if config.pipeline.mode == "splice":
+        raise SettingError(
+            "component 'cdam' cannot run in mode='splice': its class-distribution attention acts on each window's "
+            "logits, and splice mode has one map spliced before the head (docs/spec/trident.md §13); use "
+            "mode=slide or mode=whole"
+        )
 
 
 COMPONENT = ComponentSpec(

@@ -49,27 +49,33 @@ from torch import Tensor, nn
 from cass_plugins.core.baseline import Baseline, BlockSettings
 from cass_plugins.core.hookspecs import BlockContext, hookimpl
 from cass_plugins.core.registry import Preset, Registry
-from cass_plugins.core.settings import setting
+from cass_plugins.core.settings import SettingError, setting
 from cass_plugins.backbone.access import vfm_family
 from cass_plugins.backbone.normalization import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = ["ProxyCLIP", "ProxyCLIPSettings", "proxy_graph", "PROXYCLIP_VFM_INPUT", "PRESETS", "cass_register"]
 
 
-def proxy_graph(feats: Tensor, beta: float = 1.2, gamma: float = 3.0) -> Tensor:
-    """ProxyCLIP's pre-softmax proxy attention from VFM features (per image, with the diagonal guard).
+def proxy_graph(feats: Tensor, beta: float = 1.2, gamma: float = 3.0, mean: str = "window") -> Tensor:
+    """ProxyCLIP's pre-softmax proxy attention from VFM features (with the diagonal guard).
 
     Args:
         feats: ``(B, C, H', W')`` VFM features.
         beta: β of ``S' = γ·(S − β·mean(S))``.
         gamma: γ.
+        mean: ``"window"``: ``mean(S)`` per crop (Q10 fixed); ``"batch"``: one mean over every crop of the batch,
+            as Trident computes it over all windows of an image run as one batch (docs/spec/trident.md §3 step 3,
+            T-Q1 reproduced; every crop has the same ``M``, so it is the average of the per-crop means).
 
     Returns:
         ``(B, M, M)`` float32 logits, ``−inf`` where ``S' < 0`` except on the diagonal.
     """
     e = F.normalize(feats.flatten(2).float(), dim=1)  # (B, C, M), unit norm over channels
     s = e.transpose(1, 2) @ e  # (B, M, M) cosine similarities
-    s = gamma * (s - beta * s.mean(dim=(1, 2), keepdim=True))  # Q10: mean per image
+    if mean not in ("window", "batch"):
+        raise ValueError(f"mean must be 'window' or 'batch', got {mean!r}")
+    mu = s.mean(dim=(1, 2), keepdim=True) if mean == "window" else s.mean().reshape(1, 1, 1)
+    s = gamma * (s - beta * mu)
     m = s.shape[-1]
     masked = (s < 0) & ~torch.eye(m, dtype=torch.bool, device=s.device)  # Q11: never mask the diagonal
     return s.masked_fill(masked, float("-inf"))
@@ -115,6 +121,10 @@ class ProxyCLIPSettings(BlockSettings):
     include_cls: bool = setting(False, choices=(False,), doc="ProxyCLIP never attends with CLS")
     beta: float = setting(1.2, doc="β of S' = γ·(S − β·mean(S))")
     gamma: float = setting(3.0, range=(0.0, None), exclusive=True, doc="γ of S' = γ·(S − β·mean(S))")
+    proxy_mean: str = setting(
+        "window", choices=("window", "batch"),
+        doc="mean(S) per window (ProxyCLIP) or over all windows of the image (Trident, T-Q1; splice mode only)",
+    )
 
 
 class ProxyCLIP(Baseline):
@@ -137,6 +147,14 @@ class ProxyCLIP(Baseline):
         _check_vfm(vfm)
 
     @classmethod
+    def check_config(cls, config: Any) -> None:
+        if config.block.proxy_mean == "batch" and config.pipeline.mode != "splice":
+            raise SettingError(
+                "proxyclip.proxy_mean='batch' averages the proxy graph over all windows of an image, which only "
+                "mode='splice' runs as one batch; use proxy_mean='window' or mode='splice'"
+            )
+
+    @classmethod
     def has_fusable_graph(cls, settings: BlockSettings) -> bool:
         return False
 
@@ -151,7 +169,7 @@ class ProxyCLIP(Baseline):
         feats, vgrid = self.vfm.features(ctx.images)
         ctx.output_grid = (int(vgrid[0]), int(vgrid[1]))
         ctx.graph_keys = [None]
-        graph = proxy_graph(feats, self.config.beta, self.config.gamma)
+        graph = proxy_graph(feats, self.config.beta, self.config.gamma, self.config.proxy_mean)
         return [graph[:, None]]  # one graph for every head
 
     def attend(self, ctx: BlockContext) -> Tensor:

@@ -42,7 +42,11 @@ class PipelineConfig(Settings):
     area_thd: float | None = setting(None, range=(0.0, 1.0), doc="SCLIP: classes below this area fraction → class 0")
     short_side: int = setting(336, range=(1, None), doc="resize the short side to this")
     max_long_side: int = setting(2048, range=(1, None), doc="cap on the long side after resizing")
-    mode: str = setting("slide", choices=("slide", "whole"), doc="sliding windows or one whole-image pass")
+    mode: str = setting(
+        "slide", choices=("slide", "whole", "splice"),
+        doc="sliding windows (logits averaged), one whole-image pass, or Trident's splice (window features "
+        "averaged before the head, all windows of an image in one forward; docs/spec/trident.md §4)",
+    )
     crop: int = setting(224, range=(1, None), doc="sliding-window size")
     stride: int = setting(112, range=(1, None), doc="sliding-window stride (≤ crop)")
     pamr_steps: int = setting(0, range=(0, None), doc="PAMR refinement iterations (0: off)")
@@ -327,6 +331,12 @@ def _check(config: Config, registry: Registry) -> Config:
     """Cross-section rules: the baseline's and each switched-on component's refusals."""
     config.block  # what components impose must be valid for the baseline
     registry.baselines[config.baseline].check_config(config)
+    prior_users = [n for n in config.components if registry.components[n].needs_prior]
+    if config.pipeline.mode == "splice" and config.pipeline.prior_source == "crop" and prior_users:
+        raise SettingError(
+            f"{', '.join(prior_users)} with mode='splice' take the presence prior from the whole image (there is one "
+            "spliced map, not one per crop): set prior_source='image'"
+        )
     for name in config.components:
         check = registry.components[name].check
         if check is not None:

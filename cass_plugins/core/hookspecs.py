@@ -14,6 +14,10 @@ The text side (:meth:`~cass_plugins.core.patch.PatchHandle.logits`, used by the 
 and ``cass_end_image`` once per image (after its windows, before post-processing; e.g. to set a per-image
 background threshold).
 
+Two image-level hooks follow: ``cass_aggregate_features`` on the spliced pre-head map of splice mode (Trident's
+SAM aggregation, docs/spec/trident.md §6), and ``cass_refine_labels`` on the decided labels (Trident's SAM
+prompt refinement, §8; any mode).
+
 Built-in and third-party plugins register baselines, components and presets through ``cass_register``
 (:mod:`cass_plugins.core.registry`); third-party packages are found through the ``cass_plugins`` entry-point group.
 """
@@ -31,7 +35,8 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
-    "hookspec", "hookimpl", "BlockContext", "TextContext", "LogitsContext", "ImageContext", "CassSpec",
+    "hookspec", "hookimpl", "BlockContext", "TextContext", "LogitsContext", "ImageContext", "SplicedContext",
+    "LabelContext", "CassSpec",
     "make_plugin_manager",
 ]
 
@@ -132,6 +137,44 @@ class ImageContext:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class SplicedContext:
+    """One image's window outputs spliced before the head (splice mode, docs/spec/trident.md §4).
+
+    Attributes:
+        features: ``(D, gh, gw)`` the spliced last-block map before ``ln_post``/``proj``; components may replace it
+            with a map on another grid (Trident's SAM aggregation: SAM's valid grid, §6).
+        image: ``(3, H0, W0)`` uint8 RGB, the original image.
+        sam: returns the image's SAM encoding (computed on first call, one encoder pass per image shared with the
+            label refinement); ``None`` without a SAM model.
+        record: per-image inspection data.
+    """
+
+    features: Tensor
+    image: Tensor
+    sam: Callable[[], Any] | None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LabelContext:
+    """One image's decided labels at the original size, refined in place by components (SAM refinement, §8).
+
+    Attributes:
+        labels: ``(H0, W0)`` int64 class indices after the background threshold.
+        probs: ``(C, H0, W0)`` per-class probabilities (after the synonym max).
+        image: ``(3, H0, W0)`` uint8 RGB, the original image.
+        sam: as :class:`SplicedContext`.
+        record: per-image inspection data.
+    """
+
+    labels: Tensor
+    probs: Tensor
+    image: Tensor
+    sam: Callable[[], Any] | None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
 class CassSpec:
     """Hook specifications (documented empty functions, pluggy style)."""
 
@@ -167,6 +210,14 @@ class CassSpec:
     @hookspec
     def cass_end_image(self, ctx: ImageContext) -> None:
         """Called once per image after its windows, before post-processing (e.g. to set ``ctx.prob_thd``)."""
+
+    @hookspec
+    def cass_aggregate_features(self, ctx: SplicedContext) -> None:
+        """Replace ``ctx.features``, the spliced pre-head map of splice mode (e.g. Trident's SAM aggregation)."""
+
+    @hookspec
+    def cass_refine_labels(self, ctx: LabelContext) -> None:
+        """Replace ``ctx.labels`` after post-processing (e.g. Trident's SAM prompt refinement)."""
 
 
 def make_plugin_manager() -> pluggy.PluginManager:

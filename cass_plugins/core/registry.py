@@ -37,6 +37,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cass_plugins.adapters.vanilla",
     "cass_plugins.adapters.proxyclip",
     "cass_plugins.adapters.cdam",
+    "cass_plugins.trident.plugin",
 )
 
 
@@ -89,12 +90,18 @@ class ComponentSpec:
 
 @dataclass(frozen=True)
 class Preset:
-    """Named configuration values (any key :meth:`Config.replace` accepts) and per-dataset values."""
+    """Named configuration values (any key :meth:`Config.replace` accepts) and per-dataset values.
+
+    ``models`` names the models the method was published with where they differ from the command-line defaults
+    (e.g. Trident: ``{"vfm": "vit_base_patch16_224.dino", "sam": "vit_b"}``); the CLIs use them unless a flag says
+    otherwise.
+    """
 
     name: str
     values: Mapping[str, Any]
     datasets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     summary: str = ""
+    models: Mapping[str, str] = field(default_factory=dict)
 
 
 class Registry:
