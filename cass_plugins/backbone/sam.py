@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -372,7 +372,7 @@ def _require_segment_anything() -> Any:
     """Import ``segment_anything`` or say how to get it."""
     try:
         import segment_anything
-        import segment_anything.modeling  # noqa: F401
+        import segment_anything.modeling
     except ImportError as err:
         raise ImportError(f"the SAM backend 'segment_anything' needs the segment-anything package: {_EXTRA_HINT}") from err
     return segment_anything
@@ -483,8 +483,10 @@ class SamBackbone:
         else:
             images = [hwc]
         parts, predictor = [], None
-        for part, grid in zip(images, geometry.grids):
+        for part, grid, size in zip(images, geometry.grids, geometry.input_sizes):
             attention, predictor = self._encode_part(np.ascontiguousarray(part), grid)
+            if attention.input_size != size:  # the predictor's resize and §5.1's arithmetic must agree
+                raise RuntimeError(f"SAM input {attention.input_size} differs from the expected {size}")
             parts.append(attention)
         if keep_for_refine:
             if split_halves:  # the predictor must hold the full image for the prompts (§5.1 step 5)
@@ -558,7 +560,7 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"unknown SAM backend {backend!r}; use one of {list(SAM_BACKENDS)}")
 
 
-def _timm_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def _timm_kwargs() -> dict[str, Any]:
     # Meta's LayerNorms use eps 1e-6 (build_sam.py:72); timm's samvit_* default to nn.LayerNorm's 1e-5
     return dict(num_classes=0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
@@ -569,13 +571,13 @@ def _build_timm(kind: str, pretrained: bool = False) -> nn.Module:
     cfg = SAM_CONFIGS[kind]
     if cfg["timm_name"] is not None:
         name = cfg["timm_name"] + (".sa1b" if pretrained else "")
-        return timm.create_model(name, pretrained=pretrained, **_timm_kwargs(cfg))
+        return timm.create_model(name, pretrained=pretrained, **_timm_kwargs())
     from timm.models.vision_transformer_sam import VisionTransformerSAM
 
     return VisionTransformerSAM(
         img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"], depth=cfg["depth"],
         num_heads=cfg["num_heads"], global_attn_indexes=cfg["global_attn_indexes"], window_size=cfg["window_size"],
-        use_rel_pos=True, neck_chans=cfg["prompt_embed_dim"], **_timm_kwargs(cfg))
+        use_rel_pos=True, neck_chans=cfg["prompt_embed_dim"], **_timm_kwargs())
 
 
 def build_sam(kind: str, backend: str = "segment_anything") -> nn.Module:
@@ -695,7 +697,7 @@ def _load_state(model: nn.Module, state: dict[str, Any], path: Path, kind: str) 
         ) from err
 
 
-def _offline_error(kind: str, backend: str, why: str) -> WeightsUnavailableError:
+def _offline_error(kind: str, why: str) -> WeightsUnavailableError:
     cfg = SAM_CONFIGS[kind]
     if cfg["url"] is None:
         return WeightsUnavailableError(
@@ -718,7 +720,7 @@ def load_sam(
     Args:
         kind: ``"vit_b"`` (Trident's default), ``"vit_l"``, ``"vit_h"``, or ``"test"`` (tiny, random only).
         checkpoint: a local file (Meta's ``sam_vit_*.pth``; for ``backend="timm"`` also a timm ``samvit`` state
-            dict), ``"random"`` for random weights, or ``None`` for pretrained weights: segment_anything has no
+            dict), ``"random"`` for random weights (``"none"`` and ``""`` too, as in :func:`load_clip`), or ``None`` for pretrained weights: segment_anything has no
             downloader, so ``None`` is an error naming the file to fetch; timm downloads from the Hugging Face hub
             when it is reachable.
         backend: ``"segment_anything"`` (needs ``cass_plugins[sam]``; encoder + prompt encoder + mask decoder) or
@@ -765,18 +767,18 @@ def load_sam(
             state = checkpoint_filter_fn(state, model)
         _load_state(model, state, path, kind)
     elif backend == "segment_anything":
-        raise _offline_error(kind, backend, f"segment_anything cannot download the {cfg['title']} weights")
+        raise _offline_error(kind, f"segment_anything cannot download the {cfg['title']} weights")
     else:
         if cfg["timm_name"] is None:
-            raise _offline_error(kind, backend, "")
+            raise _offline_error(kind, "")
         if not _loading._hub_reachable():
-            raise _offline_error(kind, backend, f"the Hugging Face hub is unreachable for timm's {cfg['timm_name']}.sa1b")
+            raise _offline_error(kind, f"the Hugging Face hub is unreachable for timm's {cfg['timm_name']}.sa1b")
         try:
             with _loading._OfflineHub():
                 model = _build_timm(kind, pretrained=True).eval()
         except Exception as err:  # network errors come from several libraries
             raise _offline_error(
-                kind, backend, f"could not obtain timm weights {cfg['timm_name']}.sa1b ({_loading._one_line(err)})"
+                kind, f"could not obtain timm weights {cfg['timm_name']}.sa1b ({_loading._one_line(err)})"
             ) from err
     model = model.to(device or "cpu")
     if backend == "segment_anything":
