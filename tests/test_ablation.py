@@ -6,7 +6,9 @@ import torch
 from conftest import make_tiny_clip, make_tiny_vfm
 
 from cass_plugins.cli import ablate
-from cass_plugins.evaluation.ablation import ABLATION_ROWS, ablation_config, format_table, resolve_rows, run_ablation
+from cass_plugins.evaluation.ablation import (
+    ABLATION_ROWS, PAPER_ROWS, ablation_config, format_table, resolve_rows, run_ablation,
+)
 from cass_plugins.core.config import resolve_config
 
 TINY = dict(short_side=64, crop=64, stride=32)  # keep the tiny models' windows small
@@ -28,7 +30,7 @@ def _diff(a, b) -> set[str]:
 
 def test_rows_add_one_component_each():
     rows = [ablation_config(r) for r in ABLATION_ROWS]
-    vanilla, vfm_graph, matching, low_rank, eigen, ops, ota = rows
+    vanilla, vfm_graph, matching, low_rank, eigen, ops, ota, sam_refine, sam_aggregate = rows
     assert not (vanilla.spectral or vanilla.presence_prior or vanilla.ota)
     assert (vanilla.baseline, vanilla.attn, vanilla.gaussian_std, vanilla.include_cls) == ("naclip", "naclip", 5.0, False)
     assert vfm_graph.spectral and vfm_graph.matching == "sequential" and vfm_graph.lowrank is None
@@ -40,6 +42,10 @@ def test_rows_add_one_component_each():
     assert _diff(eigen, ops) == {"+ops"}
     assert _diff(ops, ota) == {"+ota"}
     assert ota == resolve_config("cass-official")
+    # beyond the paper: Trident's SAM stages on the full model
+    assert _diff(ota, sam_refine) == {"+sam_refine"}
+    assert _diff(sam_refine, sam_aggregate) == {"+sam_aggregate", "pipeline.mode"}
+    assert sam_aggregate.pipeline.mode == "splice"
 
 
 def test_rows_follow_preset_and_dataset_values():
@@ -50,11 +56,12 @@ def test_rows_follow_preset_and_dataset_values():
 
 
 def test_resolve_rows():
-    assert resolve_rows(None) == list(ABLATION_ROWS)
+    assert resolve_rows(None) == list(PAPER_ROWS) == list(ABLATION_ROWS)[:7]
+    assert resolve_rows("9,8") == ["+sam-refine", "+sam-aggregate"]
     assert resolve_rows("7,1,#3") == ["vanilla", "+matching", "+ota"]
     assert resolve_rows(["full", "+ota"]) == ["+ota"]
     with pytest.raises(ValueError, match="unknown ablation row"):
-        resolve_rows("8")
+        resolve_rows("10")
 
 
 def _images(n: int = 2) -> list[torch.Tensor]:
@@ -104,7 +111,9 @@ def test_cli_prints_table(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--rows", "1,9"], "unknown ablation row '9'"),
+    (["--rows", "1,10"], "unknown ablation row '10'"),
+    (["--rows", "+ota,9"], "sam_vit_b_01ec64.pth once and pass it: --sam-weights FILE"),
+    (["--sam-weights", "random"], "no component uses SAM"),
     (["--set", "gamma=abc"], "ops.gamma='abc': expected a number"),
     (["--set", "lowrank=exactt"], "spectral.lowrank='exactt': choose one of"),
     (["--set", "gama=0.1"], "unknown configuration key 'gama'"),

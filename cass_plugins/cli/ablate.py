@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cass_plugins.cli.common import CliParser, add_model_arguments, models_from_args, vfm_requested
+from cass_plugins.cli.common import (
+    CliParser, add_model_arguments, models_from_args, sam_from_args, vfm_name, vfm_requested,
+)
 from cass_plugins.core.config import parse_overrides, resolve_config
 from cass_plugins.evaluation.ablation import (
     ABLATION_LABELS, ABLATION_ROWS, ablation_config, format_table, resolve_rows, run_ablation,
@@ -35,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Rows: " + "; ".join(f"{ABLATION_LABELS[r]} = {r}" for r in ABLATION_ROWS),
     )
     p.add_argument("images", nargs="*", type=Path, help="image files or folders (ignored with --data-root)")
-    p.add_argument("--rows", default="all", help="comma-separated rows (names, numbers 1-7, 'full'; default: all)")
+    p.add_argument("--rows", default="all", help="comma-separated rows (names, numbers 1-9, 'full'; default: all = the paper's 1-7; "
+                   "8 '+sam-refine' and 9 '+sam-aggregate' add Trident's SAM stages to CASS and need --sam-weights)")
     voc = p.add_mutually_exclusive_group()
     voc.add_argument("--classes", help='class names, e.g. "truck; sheep; sky, clouds"')
     voc.add_argument("--classes-file", type=Path, help="one class per line, synonyms separated by ', '")
@@ -102,11 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_classes = None
     try:
         rows = resolve_rows(args.rows)
-        if not vfm_requested(args) and any(ABLATION_ROWS[r].get("spectral") for r in rows):
+        if not vfm_requested(args) and any(ABLATION_ROWS[r].get("spectral") or "spectral" in ABLATION_ROWS[r].get("components", ()) for r in rows):
             raise ValueError("rows with the VFM graph need a VFM (--vfm); run --rows vanilla without one")
         overrides = parse_overrides(args.set, resolve_config(args.preset, args.dataset))
-        for row in rows:  # each row's configuration with the overrides, as run_ablation will build it
-            ablation_config(row, args.preset, args.dataset, **overrides)
+        # each row's configuration with the overrides, as run_ablation will build it
+        configs = [ablation_config(row, args.preset, args.dataset, **overrides) for row in rows]
         if args.data_root is not None:
             if not args.dataset:
                 raise ValueError("--data-root needs --dataset (which benchmark the folder holds)")
@@ -127,15 +130,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(_one_line(e))
 
+    try:
+        sam = sam_from_args(args, configs)
+    except (ValueError, ImportError, FileNotFoundError, RuntimeError) as e:
+        parser.error(_one_line(e))
     clip, tokenizer, vfm = models_from_args(args)
     results = run_ablation(
         clip, vfm, images, rows=rows, vocabulary=vocabulary, labels=labels, num_classes=num_classes,
         preset=args.preset, dataset=args.dataset, tokenizer=tokenizer, warmup=args.warmup,
-        agreement=True if args.agreement else None, progress=True, **overrides,
+        agreement=True if args.agreement else None, progress=True, sam=sam, **overrides,
     )
     device = next(clip.parameters()).device
     title = (f"CASS ablation: {len(images)} image(s), preset {args.preset}"
-             f"{', dataset ' + args.dataset if args.dataset else ''}, {args.clip} + {args.vfm}, {device}")
+             f"{', dataset ' + args.dataset if args.dataset else ''}, {args.clip} + {vfm_name(args)}, {device}")
     table = format_table(results, args.dataset if labels is not None else None)
     print(f"{title}\n\n{table}")
     if args.out is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from cass_plugins.core.settings import SettingError
 
 __all__ = [
     "CliParser", "add_model_arguments", "models_from_args", "add_config_arguments", "config_from_args",
-    "parse_components", "vfm_requested",
+    "parse_components", "vfm_requested", "vfm_name", "sam_from_args",
 ]
 
 log = logging.getLogger("cass_plugins")
@@ -37,10 +37,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="open_clip pretrained tag (e.g. openai) or a local state-dict file (.pth/.bin/.safetensors); "
         "'random' for random weights (default: %(default)s)",
     )
-    g.add_argument("--vfm", default=DEFAULT_VFM, help="timm VFM name; 'none' switches off every component that "
-                   "needs one (spectral distillation) (default: %(default)s)")
+    g.add_argument("--vfm", default=None, help="timm VFM name; 'none' switches off every component that needs one "
+                   f"(spectral distillation) (default: the preset's, e.g. DINO B/16 for trident, else {DEFAULT_VFM})")
     g.add_argument("--vfm-weights", default="pretrained",
                    help="'pretrained' (download via timm), a local checkpoint file, or 'random' (default: %(default)s)")
+    g.add_argument("--sam", default=None, choices=("vit_b", "vit_l", "vit_h"),
+                   help="SAM size for sam_aggregate / sam_refine (Trident) (default: the preset's, vit_b)")
+    g.add_argument("--sam-weights", default=None, metavar="FILE",
+                   help="local SAM checkpoint (Meta's sam_vit_b_01ec64.pth ...) or 'random'; needed by the SAM "
+                   "components (SAM has no download here)")
+    g.add_argument("--sam-backend", default="segment_anything", choices=("segment_anything", "timm"),
+                   help="segment_anything (pip install \"cass_plugins[sam]\"; aggregation and refinement) or timm "
+                   "(aggregation only) (default: %(default)s)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
 
@@ -53,13 +61,48 @@ def models_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         log.warning("--precision fp16 on CPU is slower than fp32 (CPUs lack fast half-precision kernels); "
                     "use fp32 on CPU")
     clip, tokenizer = load_clip(args.clip, args.pretrained, device=args.device, precision=args.precision)
-    vfm = load_vfm(args.vfm, args.vfm_weights, device=args.device, precision=args.precision) if vfm_requested(args) else None
+    vfm = load_vfm(vfm_name(args), args.vfm_weights, device=args.device, precision=args.precision) if vfm_requested(args) else None
     return clip, tokenizer, vfm
 
 
+def _preset_model(args: argparse.Namespace, role: str, default: str) -> str:
+    name = getattr(args, "preset", None)
+    if not name:
+        return default
+    REGISTRY.load()
+    preset = REGISTRY.presets.get(name)  # an unknown preset is reported by the configuration's resolver
+    return preset.models.get(role, default) if preset is not None else default
+
+
+def vfm_name(args: argparse.Namespace) -> str:
+    """``--vfm``, or the model the preset was published with (Trident: DINO ViT-B/16), or the default DINO B/8."""
+    return getattr(args, "vfm", None) or _preset_model(args, "vfm", DEFAULT_VFM)
+
+
 def vfm_requested(args: argparse.Namespace) -> bool:
-    vfm = getattr(args, "vfm", None)
-    return bool(vfm) and vfm.lower() != "none"
+    return vfm_name(args).lower() != "none"
+
+
+def sam_from_args(args: argparse.Namespace, configs: Config | Sequence[Config]) -> Any:
+    """The SAM model the configurations' SAM components need (``None`` when none is on).
+
+    Raises:
+        SettingError: ``--sam``/``--sam-weights`` given while no component uses SAM.
+    """
+    configs = [configs] if isinstance(configs, Config) else list(configs)
+    users = [n for config in configs for n in config.components if n in ("sam_aggregate", "sam_refine")]
+    given = [flag for flag, value in (("--sam", args.sam), ("--sam-weights", args.sam_weights)) if value]
+    if not users:
+        if given:
+            raise SettingError(
+                f"{' and '.join(given)} given but no component uses SAM: use --preset trident, or --components "
+                "...,sam_refine (any mode) / sam_aggregate (--set mode=splice)"
+            )
+        return None
+    from cass_plugins.backbone.sam import load_sam
+
+    kind = args.sam or _preset_model(args, "sam", "vit_b")
+    return load_sam(kind, args.sam_weights, backend=args.sam_backend, device=args.device, precision=args.precision)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, dataset_flag: bool = True) -> None:

@@ -21,6 +21,14 @@ How the rows are read (the paper names the rows, not their settings):
 
 cass.md §8 lists these seven configurations; the full model is the last of them.
 
+Beyond the paper, two rows add Trident's SAM stages (docs/spec/trident.md §5-§8) to the full CASS model; no
+published system offers these combinations. They need a SAM model (``run_ablation(..., sam=...)``,
+``cass-ablate --sam-weights FILE``) and run only when named (``all`` is the paper's seven rows):
+
+- ``+sam-refine`` (#8): full CASS, then SAM prompt refinement of its labels (§8);
+- ``+sam-aggregate`` (#9): full CASS in splice mode (window outputs spliced before the head), SAM aggregation on
+  SAM's grid (§5-§6), then SAM refinement.
+
 ``cass-ablate`` (:mod:`cass_plugins.cli.ablate`) runs a list of rows over images (timing, and pixel agreement of the label maps with the full model)
 or over a dataset's validation split (mIoU; the paper's value is shown when the dataset is in Table 3).
 """
@@ -35,8 +43,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ABLATION_ROWS", "ABLATION_LABELS", "PUBLISHED_MIOU", "FULL_ROW", "AblationResult", "ablation_config",
-    "resolve_rows", "run_ablation", "format_table",
+    "ABLATION_ROWS", "ABLATION_LABELS", "PUBLISHED_MIOU", "FULL_ROW", "PAPER_ROWS", "AblationResult",
+    "ablation_config", "resolve_rows", "row_needs_sam", "run_ablation", "format_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,19 @@ ABLATION_ROWS: dict[str, dict[str, Any]] = {
     "+eigenscaling": {"spectral": True, **_OFF_TEXT},
     "+ops": {"spectral": True, "presence_prior": True, "ota": False},
     "+ota": {"spectral": True, "presence_prior": True, "ota": True},
+    "+sam-refine": {"components": ("spectral", "ops", "ota", "sam_refine")},
+    "+sam-aggregate": {"components": ("spectral", "ops", "ota", "sam_aggregate", "sam_refine"), "mode": "splice"},
 }
+
+#: The rows of the paper's Table 3 (what ``all`` runs); the others extend it.
+PAPER_ROWS: tuple[str, ...] = ("vanilla", "+vfm-graph", "+matching", "+low-rank", "+eigenscaling", "+ops", "+ota")
+
+_SAM_COMPONENTS = ("sam_aggregate", "sam_refine")
+
+
+def row_needs_sam(row: str) -> bool:
+    """Whether an ablation row switches on a SAM component."""
+    return any(c in _SAM_COMPONENTS for c in ABLATION_ROWS[row].get("components", ()))
 
 #: The full model's row (the reference of the agreement column).
 FULL_ROW = "+ota"
@@ -66,6 +86,8 @@ ABLATION_LABELS: dict[str, str] = {
     "+eigenscaling": "#5 + eigenscaling",
     "+ops": "#6 + OPS",
     "+ota": "#7 + OTA (full)",
+    "+sam-refine": "#8 CASS + SAM refine",
+    "+sam-aggregate": "#9 CASS + SAM aggregate + refine",
 }
 
 #: Published mIoU of each row (cass.md §8, CLIP B/16 + DINO B/8) on VOC21, Context59, COCO-Stuff.
@@ -84,13 +106,14 @@ _ALIASES = {"full": FULL_ROW}
 def resolve_rows(rows: str | Iterable[str] | None) -> list[str]:
     """Row names in table order from a list or a comma-separated string (``None`` / ``"all"``: every row).
 
-    Accepts the names of :data:`ABLATION_ROWS`, ``full`` and the row numbers ``1`` … ``7``.
+    Accepts the names of :data:`ABLATION_ROWS`, ``full`` and the row numbers ``1`` … ``9`` (``all`` = the paper's
+    rows 1-7).
 
     Raises:
         ValueError: an unknown row, naming the valid ones.
     """
     if rows is None or rows == "all":
-        return list(ABLATION_ROWS)
+        return list(PAPER_ROWS)
     items = [r.strip() for r in (rows.split(",") if isinstance(rows, str) else rows) if r.strip()]
     names = list(ABLATION_ROWS)
     out = []
@@ -169,6 +192,7 @@ def run_ablation(
     warmup: int = 1,
     agreement: bool | None = None,
     progress: bool = False,
+    sam: Any = None,
     **overrides: Any,
 ) -> list[AblationResult]:
     """Segment ``images`` with every row and measure time, agreement with the full model and (with labels) mIoU.
@@ -187,6 +211,8 @@ def run_ablation(
         agreement: compare label maps with the full model (default: only when there are no labels). The full row is
             run first, and added to the table when it was not requested.
         progress: show a progress bar.
+        sam: the SAM model (:func:`~cass_plugins.load_sam`) of the SAM rows (``+sam-refine``, ``+sam-aggregate``);
+            given to those rows only.
 
     Returns:
         one :class:`AblationResult` per row, in table order.
@@ -196,6 +222,11 @@ def run_ablation(
     from cass_plugins.pipeline.vocabulary import Vocabulary
 
     names = resolve_rows(rows)
+    sam_rows = [r for r in names if row_needs_sam(r)]
+    if sam_rows and sam is None:
+        raise ValueError(f"rows {sam_rows} need a SAM model: pass sam=cass_plugins.load_sam(...) (--sam-weights FILE)")
+    if sam is not None and not sam_rows:
+        raise ValueError("a SAM model was given but no requested row uses it: add --rows +sam-refine,+sam-aggregate")
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{len(labels)} label maps for {len(images)} images")
     if not images:
@@ -213,7 +244,7 @@ def run_ablation(
     for row in order:
         kw = {**ABLATION_ROWS[row], **overrides}
         seg = Segmenter(clip_model, vfm, vocabulary=vocab, preset=preset, dataset=dataset, tokenizer=tokenizer,
-                        device=device, **kw)
+                        device=device, sam=sam if row_needs_sam(row) else None, **kw)
         with seg:
             dev = seg.device
             for _ in range(warmup):
