@@ -128,6 +128,13 @@ def matching_for_window(matching: Any, cost: Tensor, window: int) -> str | Seque
     return matching[window]
 
 
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device``: through pinned memory without blocking for CUDA (no synchronisation)."""
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 class SpectralAttentionHook:
     """CASS spectral distillation as a last-block component (``components=["spectral"]``).
 
@@ -190,13 +197,21 @@ class SpectralAttentionHook:
         self, ctx: BlockContext, vfm_k: Tensor, clip_k: Tensor
     ) -> tuple[Tensor, Tensor, list[HeadMatching]]:
         """Steps 3-10 of docs/spec/cass.md §2 against ``clip_k`` (VFM keys already on the CLIP grid): the distilled
-        VFM graph, fusion weights and matchings."""
+        VFM graph, fusion weights and matchings.
+
+        On the device path (:func:`~cass_plugins.cass.spectral.use_device_math`: CUDA inputs) everything runs on the
+        keys' device in float32 except the assignment: the ``(B, Hv, Hc)`` costs cross to the host once for the
+        whole batch, and the assignments and weights come back in one pinned, non-blocking copy.
+        """
         cfg = self.config
+        device_math = spectral.use_device_math(clip_k)
+        work = torch.float32 if device_math else torch.float64
         vfm_k = spectral.range_match(vfm_k, clip_k, dims=(1, 2, 3))
         scale = ctx.access.scale  # both graphs use CLIP's Dh^-0.5 (cass.md §9)
-        spec_c = spectral.normalize_spectrum(spectral.key_spectrum(clip_k, scale, cfg.spectrum_size))
-        spec_v = spectral.normalize_spectrum(spectral.key_spectrum(vfm_k, scale, cfg.spectrum_size))
+        spec_c, spec_v = self._spectra(clip_k, vfm_k, scale, device_math)
         cost = spectral.spectral_cost(spec_v, spec_c)  # (B, Hv, Hc)
+        if device_math:
+            cost = cost.cpu()  # the one host round trip of the forward: the solver runs on the host
         solve_dtype = torch.float32 if cfg.solve_dtype == "float32" else torch.float64
         # the official reading takes the solver's column index as a VFM head: only defined for equal head counts
         pairing = cfg.pairing if cost.shape[1] == cost.shape[2] else "paper"
@@ -207,16 +222,32 @@ class SpectralAttentionHook:
             m = match_heads(c, strategy, solve_dtype=solve_dtype, tie_break=cfg.tie_break, pairing=pairing)
             m.window = window
             matchings.append(m)
-        assignment = torch.stack([m.assignment for m in matchings]).to(clip_k.device)  # (B, Hc)
-        weights = torch.stack([m.weights for m in matchings]).to(clip_k.device, torch.float64)
-        # the low rank and its eigenscaling stay in float64 (cass.md §9); the exact paths need only the keys
-        matched_k = spectral.gather_heads(vfm_k, assignment).double()  # (B, Hc, N, Dh_v)
+        assignment = _to_device(torch.stack([m.assignment for m in matchings]), clip_k.device)  # (B, Hc)
+        weights = _to_device(torch.stack([m.weights for m in matchings]).to(work), clip_k.device)
+        # the low rank and its eigenscaling in float64 (cass.md §9), float32 on the device path; the exact paths
+        # need only the keys
+        matched_k = spectral.gather_heads(vfm_k, assignment).to(work)  # (B, Hc, N, Dh_v)
         graph = spectral.attention_graph(matched_k, scale) if cfg.lowrank in ("randomized", None) else None
         vfm_graph, ranks = spectral.distilled_vfm_graph(
             graph, vfm_keys=matched_k, scale=scale,
             lowrank=cfg.lowrank, rank=cfg.rank, eigenscaling=cfg.eigenscaling and cfg.lowrank is not None,
-            eps=cfg.eigenscale_eps, seed=cfg.lowrank_seed, eta=cfg.energy_eta,
+            eps=cfg.eigenscale_eps, seed=cfg.lowrank_seed, eta=cfg.energy_eta, device_math=device_math,
         )
-        for i, m in enumerate(matchings):
-            m.ranks = None if ranks is None else ranks[i].detach().cpu()
+        if ranks is not None:
+            host_ranks = ranks.detach().cpu()  # one copy for the batch, not one per window
+            for i, m in enumerate(matchings):
+                m.ranks = host_ranks[i]
         return vfm_graph, weights, matchings
+
+    def _spectra(self, clip_k: Tensor, vfm_k: Tensor, scale: float, device_math: bool) -> tuple[Tensor, Tensor]:
+        """Normalised top-m spectra of the CLIP and VFM keys (cass.md §2.5); one solver call for both on the device
+        path when their head widths agree."""
+        m = self.config.spectrum_size
+        if device_math and clip_k.shape[-1] == vfm_k.shape[-1] and clip_k.shape[-2] == vfm_k.shape[-2]:
+            both = spectral.key_spectrum(torch.cat([clip_k.float(), vfm_k.float()], dim=1), scale, m, device_math=True)
+            spec_c, spec_v = both[:, : clip_k.shape[1]], both[:, clip_k.shape[1]:]
+        else:
+            # no keyword: the default picks the same path (use_device_math of the keys)
+            spec_c = spectral.key_spectrum(clip_k, scale, m)
+            spec_v = spectral.key_spectrum(vfm_k, scale, m)
+        return spectral.normalize_spectrum(spec_c), spectral.normalize_spectrum(spec_v)

@@ -5,6 +5,12 @@ No hooks, no models, no I/O. Every function is batched over arbitrary leading di
 singular-value solver runs in float64 and is cast back to the input dtype (spectra stay float64), so
 fp16/bf16 inputs work. Degenerate inputs (zero or constant keys/graphs) never produce NaN.
 
+CUDA inputs (:data:`DEVICE_MATH`, or ``device_math=True`` on any device) take the device path instead: the same
+formulas in float32 on the input's device, batched, with no host round trip (one ``eigvalsh`` of the Gram matrices
+per call, the randomized low rank with the same seeded test matrix as the CPU path, the small ``q×q`` SVD through a
+float64 ``eigh``), so a CASS forward makes a fixed number of synchronisations whatever its number of windows
+(issue 13). The CPU path and its results are unchanged.
+
 Spec references (``docs/spec/cass.md``): §1.1 Gaussian window, §2 steps 3-11, §6 presets,
 §9 "Low rank", "Cost", "Head counts".
 """
@@ -122,6 +128,18 @@ def gaussian_window(
 SOLVER_DEVICE: str | None = "cpu"
 
 
+#: CUDA inputs run the spectra, the low rank and the eigenscaling on their device in float32 (the device path of
+#: the module docstring). ``False``: the float64 solvers of :data:`SOLVER_DEVICE`, as before issue 13.
+DEVICE_MATH: bool = True
+
+
+def use_device_math(x: Tensor, device_math: bool | None = None) -> bool:
+    """Whether ``x`` takes the float32 device path: ``device_math`` if given, else :data:`DEVICE_MATH` for CUDA."""
+    if device_math is not None:
+        return bool(device_math)
+    return DEVICE_MATH and x.device.type == "cuda"
+
+
 def _to_solver(x: Tensor) -> Tensor:
     """``x`` on the device where decompositions run (see :data:`SOLVER_DEVICE`)."""
     if SOLVER_DEVICE is not None and x.device.type == "cuda":
@@ -148,14 +166,19 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _gram_eigh(keys: Tensor) -> tuple[Tensor, Tensor]:
+def _gram_eigh(keys: Tensor, device_math: bool = False) -> tuple[Tensor, Tensor]:
     """Eigenpairs of the Gram matrix ``Kᵀ K`` (float64, descending): ``σ(K)² `` and the right singular vectors.
 
     The non-zero eigenvalues of ``K Kᵀ`` (N×N) are those of ``Kᵀ K`` (Dh×Dh, 64×64 for ViT-B), so one small
     symmetric eigenproblem replaces an SVD of the N×Dh keys: batched ``svdvals`` of (12, 196, 64) took 2.3 s in
     MKL here, the Gram ``eigh`` 3 ms. Squaring costs precision only on the tiny eigenvalues (absolute error
-    ~1e-16·σ_max²), far below what the top-20 spectra and the top-r low rank use.
+    ~1e-16·σ_max²), far below what the top-20 spectra and the top-r low rank use. ``device_math``: float32 on the
+    keys' device (absolute error ~1e-7·σ_max²).
     """
+    if device_math:
+        k = keys.float()
+        evals, evecs = torch.linalg.eigh(k.transpose(-1, -2) @ k)
+        return evals.flip(-1).clamp_min(0), evecs.flip(-1)
     k = _to_solver(keys.to(torch.float64))
     with _single_thread():
         evals, evecs = torch.linalg.eigh(k.transpose(-1, -2) @ k)
@@ -171,7 +194,7 @@ def _take_top(values: Tensor, m: int) -> Tensor:
     return torch.cat([values, pad], dim=-1)
 
 
-def key_spectrum(keys: Tensor, scale: float, m: int = 20) -> Tensor:
+def key_spectrum(keys: Tensor, scale: float, m: int = 20, *, device_math: bool | None = None) -> Tensor:
     """Top-``m`` eigenvalues of ``scale · K Kᵀ`` from the thin SVD of K (spec §9 "Cost").
 
     ``λ_i = scale · σ_i(K)²``; the ``N − Dh`` eigenvalues beyond ``min(N, Dh)`` are exactly zero, so the
@@ -181,14 +204,19 @@ def key_spectrum(keys: Tensor, scale: float, m: int = 20) -> Tensor:
         keys: (..., N, Dh) keys.
         scale: graph scale.
         m: spectrum length.
+        device_math: float32 on the keys' device (default: :func:`use_device_math`).
 
     Returns:
-        (..., m) float64, descending.
+        (..., m) descending: float64, or float32 on the device path.
     """
+    n = keys.shape[-2]
+    if use_device_math(keys, device_math):
+        k = keys.float()
+        sigma2 = torch.linalg.eigvalsh(k.transpose(-1, -2) @ k).flip(-1).clamp_min(0)
+        return _take_top(scale * sigma2[..., : min(n, sigma2.shape[-1])], m)
     k = _to_solver(keys.to(torch.float64))
     with _single_thread():  # eigenvalues only: cheaper than the eigenpairs _gram_eigh returns
         sigma2 = torch.linalg.eigvalsh(k.transpose(-1, -2) @ k).flip(-1).clamp_min(0)
-    n = keys.shape[-2]
     return _take_top(scale * sigma2[..., : min(n, sigma2.shape[-1])], m).to(keys.device)
 
 
@@ -300,8 +328,9 @@ def _pad_cols(x: Tensor, width: int) -> Tensor:
     return torch.cat([x, x.new_zeros(x.shape[:-1] + (width - n,))], dim=-1)
 
 
-def _exact_pairs(graph: Tensor | None, keys: Tensor | None, scale: float | None, width: int):
-    """Top-``width`` eigenpairs (float64): thin SVD of the keys if given, else ``eigh`` of the graph.
+def _exact_pairs(graph: Tensor | None, keys: Tensor | None, scale: float | None, width: int, device_math: bool = False):
+    """Top-``width`` eigenpairs (float64; float32 on the device path): thin SVD of the keys if given, else ``eigh``
+    of the graph.
 
     Returns ``(U, S, available)`` with U (..., N, width), S (..., width) zero-padded and ``available``
     the number of genuine pairs.
@@ -310,26 +339,84 @@ def _exact_pairs(graph: Tensor | None, keys: Tensor | None, scale: float | None,
         if scale is None:
             raise ValueError("low_rank with keys needs the graph scale")
         device = keys.device
-        sigma2, v = _gram_eigh(keys)
+        sigma2, v = _gram_eigh(keys, device_math)
         avail = min(keys.shape[-2], sigma2.shape[-1])
         sigma2, v = sigma2[..., :width], v[..., :width]
         sigma = sigma2.sqrt()
         # left singular vectors U = K V Σ⁻¹; columns of a zero singular value stay zero (degenerate keys)
-        inv = torch.where(sigma > 0, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
-        u = (_to_solver(keys.to(torch.float64)) @ v) * inv[..., None, :]
+        tiny = torch.finfo(sigma.dtype).tiny
+        inv = torch.where(sigma > 0, 1.0 / sigma.clamp_min(tiny), torch.zeros_like(sigma))
+        k = keys.float() if device_math else _to_solver(keys.to(torch.float64))
+        u = (k @ v) * inv[..., None, :]
         s = scale * sigma2
     else:
         device = graph.device
-        with _single_thread():
-            evals, evecs = torch.linalg.eigh(_to_solver(graph.to(torch.float64)))
+        if device_math:
+            evals, evecs = torch.linalg.eigh(graph.float())
+        else:
+            with _single_thread():
+                evals, evecs = torch.linalg.eigh(_to_solver(graph.to(torch.float64)))
         s, u = evals.flip(-1), evecs.flip(-1)
         avail = s.shape[-1]
     u, s = u[..., :width].to(device), s[..., :width].to(device)
     return _pad_cols(u, width), _pad_cols(s, width), min(avail, width)
 
 
-def _randomized_triplets(graph: Tensor, width: int, q: int, niter: int, seed: int):
-    """``torch.svd_lowrank`` (float64) under a seeded, forked RNG; returns (U, S, V, available)."""
+#: The randomized low rank's test matrices on the device path, per (rows, columns, seed, device).
+_TEST_MATRICES: dict[tuple[int, int, int, str], Tensor] = {}
+
+
+def _test_matrix(n: int, q: int, seed: int, device: torch.device) -> Tensor:
+    """``torch.svd_lowrank``'s Gaussian test matrix (n, q) as the CPU path draws it, float32 on ``device``.
+
+    Drawn once per shape and seed on the CPU in float64 under its own generator (the same numbers the CPU path's
+    seeded ``randn`` gives), so both paths project onto the same subspace; then cached on the device, so later
+    calls copy nothing from the host.
+    """
+    key = (n, q, seed, str(device))
+    r = _TEST_MATRICES.get(key)
+    if r is None:
+        gen = torch.Generator().manual_seed(seed)
+        r = torch.randn(n, q, dtype=torch.float64, generator=gen).to(device=device, dtype=torch.float32)
+        _TEST_MATRICES[key] = r
+    return r
+
+
+def _randomized_device(a: Tensor, width: int, q: int, niter: int, seed: int):
+    """``torch.svd_lowrank`` (Halko et al. Algorithm 5.1, as torch runs it) in float32 on ``a``'s device.
+
+    Same test matrix (:func:`_test_matrix`) and subspace iteration (QR after every product); the ``q × N`` SVD of
+    ``B = Qᵀ A`` goes through the float64 ``eigh`` of the ``q × q`` matrix ``B Bᵀ`` (one batched call for small
+    matrices where a batched SVD of the wide ``B`` would loop over the batch): ``B Bᵀ = U_B Σ² U_Bᵀ``,
+    ``V = Bᵀ U_B Σ⁻¹``. The graphs are square, so torch's transpose for wide inputs never applies.
+    """
+    a = a.float()
+    n = a.shape[-1]
+    qe = min(q, a.shape[-1], a.shape[-2])
+    r = _test_matrix(n, qe, seed, a.device)
+    basis = torch.linalg.qr(a @ r).Q
+    at = a.transpose(-1, -2)
+    for _ in range(niter):
+        basis = torch.linalg.qr(at @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    b = (basis.transpose(-1, -2) @ a).double()  # (..., qe, N)
+    evals, ub = torch.linalg.eigh(b @ b.transpose(-1, -2))
+    s2, ub = evals.flip(-1).clamp_min(0), ub.flip(-1)
+    s = s2.sqrt()
+    tiny = torch.finfo(s.dtype).tiny
+    inv = torch.where(s > 0, 1.0 / s.clamp_min(tiny), torch.zeros_like(s))
+    v = (b.transpose(-1, -2) @ ub) * inv[..., None, :]
+    u = basis @ ub.float()
+    return _pad_cols(u, width), _pad_cols(s.float(), width), _pad_cols(v.float(), width), min(qe, width)
+
+
+def _randomized_triplets(graph: Tensor, width: int, q: int, niter: int, seed: int, device_math: bool = False):
+    """``torch.svd_lowrank`` (float64) under a seeded, forked RNG; returns (U, S, V, available).
+
+    ``device_math``: :func:`_randomized_device` (float32 on the graph's device, the same test matrix).
+    """
+    if device_math:
+        return _randomized_device(graph, width, q, niter, seed)
     a = graph.to(torch.float64)
     qe = min(q, a.shape[-1], a.shape[-2])
     dev = a.device
@@ -385,8 +472,9 @@ def _low_rank64(
     q0: int,
     dq: int,
     basis: str,
+    device_math: bool = False,
 ) -> LowRank:
-    """:func:`low_rank` without the final cast (float64 U, S, V)."""
+    """:func:`low_rank` without the final cast (float64 U, S, V; float32 on the device path)."""
     if method not in LOWRANK_METHODS:
         raise ValueError(f"unknown low-rank method {method!r}; expected one of {LOWRANK_METHODS}")
     if graph is None and keys is None:
@@ -407,10 +495,10 @@ def _low_rank64(
             if graph is None:
                 if scale is None:
                     raise ValueError("randomized low rank from keys needs the graph scale")
-                graph = attention_graph(keys.to(torch.float64), scale)
-            u, s, v, avail = _randomized_triplets(graph, width, q, niter, seed)
+                graph = attention_graph(keys.float() if device_math else keys.to(torch.float64), scale)
+            u, s, v, avail = _randomized_triplets(graph, width, q, niter, seed, device_math)
         else:
-            u, s, avail = _exact_pairs(graph, keys, scale, width)
+            u, s, avail = _exact_pairs(graph, keys, scale, width, device_math)
             v = u
         ranks = torch.full(lead, avail, dtype=torch.long, device=device)
         return LowRank(u, s, v, ranks)
@@ -423,14 +511,14 @@ def _low_rank64(
     # Algorithm 1 would grow q by dq until the criterion holds, but with η ≤ 1 it always holds at
     # q = q0 (spec §9), so one decomposition of width q0 suffices and dq is never used.
     if basis == "exact":
-        u, s, avail = _exact_pairs(graph, keys, scale, q0)
+        u, s, avail = _exact_pairs(graph, keys, scale, q0, device_math)
         v = u
     elif basis == "randomized":
         if graph is None:
             if scale is None:
                 raise ValueError("randomized low rank from keys needs the graph scale")
-            graph = attention_graph(keys.to(torch.float64), scale)
-        u, s, v, avail = _randomized_triplets(graph, q0, q0, niter, seed)
+            graph = attention_graph(keys.float() if device_math else keys.to(torch.float64), scale)
+        u, s, v, avail = _randomized_triplets(graph, q0, q0, niter, seed, device_math)
     else:
         raise ValueError(f"basis must be 'exact' or 'randomized', got {basis!r}")
     ranks = _adaptive_rank(s, method, q0, eta).clamp(max=max(avail, 1))
@@ -457,6 +545,7 @@ def low_rank(
     q0: int = 10,
     dq: int = 5,
     basis: str = "exact",
+    device_math: bool | None = None,
 ) -> LowRank:
     """Low-rank triplets of (symmetric PSD) graphs, spec §2.8, §6, §9 "Low rank".
 
@@ -486,19 +575,21 @@ def low_rank(
         q0: adaptive candidate count.
         dq: Algorithm 1's q increment (validated, never needed for η ≤ 1).
         basis: decomposition used by the adaptive methods.
+        device_math: float32 on the input's device (default: :func:`use_device_math`).
 
     Returns:
         :class:`LowRank` ``(U, S, V, ranks)``; U, S, V in the input dtype, ranks a LongTensor (...).
     """
+    ref = graph if graph is not None else keys
     out = _low_rank64(
         graph, rank, method, keys=keys, scale=scale, seed=seed, q=q, niter=niter, eta=eta, q0=q0, dq=dq,
-        basis=basis,
+        basis=basis, device_math=ref is not None and use_device_math(ref, device_math),
     )
     dtype = (graph if graph is not None else keys).dtype
     return LowRank(out.U.to(dtype), out.S.to(dtype), out.V.to(dtype), out.ranks)
 
 
-def eigenscale(s: Tensor, eps: float = 1.5, mask: Tensor | None = None) -> Tensor:
+def eigenscale(s: Tensor, eps: float = 1.5, mask: Tensor | None = None, *, compute_dtype: torch.dtype = torch.float64) -> Tensor:
     """Dynamic eigenscaling φ (spec §2.9), stretching [σmin, σmax] onto [(2−ε)σmin, ε·σmax].
 
     ``φ(σ) = (σ − σmin)/(σmax − σmin)·(ε·σmax − (2−ε)·σmin) + (2−ε)·σmin``
@@ -509,11 +600,12 @@ def eigenscale(s: Tensor, eps: float = 1.5, mask: Tensor | None = None) -> Tenso
         s: (..., r) values.
         eps: ε (1.5 in CASS).
         mask: (..., r) bool of retained entries, e.g. ``rank_mask(ranks, r)``; None = all.
+        compute_dtype: float64 (default), float32 on the device path.
 
     Returns:
-        (..., r) in the dtype of ``s`` (computed in float64).
+        (..., r) in the dtype of ``s`` (computed in ``compute_dtype``).
     """
-    x = s.to(torch.float64)
+    x = s.to(compute_dtype)
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
     mask = mask.to(torch.bool).expand_as(x)
@@ -596,6 +688,7 @@ def distilled_vfm_graph(
     q0: int = 10,
     dq: int = 5,
     basis: str = "exact",
+    device_math: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Spec §2 steps 8-10 for already matched VFM graphs: low rank → φ → D = U diag(φ(σ)) Vᵀ → zero diagonal.
 
@@ -613,17 +706,21 @@ def distilled_vfm_graph(
         rank, seed, q, niter, eta, q0, dq, basis: forwarded to :func:`low_rank`.
         eigenscaling: apply φ (requires a low-rank method).
         eps: ε of φ.
+        device_math: float32 on the input's device instead of float64 (default: :func:`use_device_math`).
 
     Returns:
-        ``(D, ranks)``: float64 (..., Hc, N, N) with a zero diagonal; ranks (..., Hc) or None without low rank.
+        ``(D, ranks)``: float64 (float32 on the device path) (..., Hc, N, N) with a zero diagonal; ranks (..., Hc) or
+        None without low rank.
     """
     if vfm_graph is None and (vfm_keys is None or scale is None):
         raise ValueError("distilled_vfm_graph needs vfm_graph, or vfm_keys together with scale")
+    dm = use_device_math(vfm_graph if vfm_graph is not None else vfm_keys, device_math)
+    dtype = torch.float32 if dm else torch.float64
     if lowrank is None:
         if eigenscaling:
             raise ValueError("eigenscaling rescales low-rank eigenvalues: it needs lowrank != None")
-        d = vfm_graph if vfm_graph is not None else attention_graph(vfm_keys.to(torch.float64), scale)
-        return zero_diagonal(d.to(torch.float64)), None
+        d = vfm_graph if vfm_graph is not None else attention_graph(vfm_keys.to(dtype), scale)
+        return zero_diagonal(d.to(dtype)), None
     # With keys, the exact paths use the small Gram eigenproblem instead of an N×N eigh; the randomized SVD
     # works on the graph itself (built from the keys when no graph is given).
     if vfm_keys is not None and (lowrank != "randomized" or vfm_graph is None):
@@ -632,6 +729,8 @@ def distilled_vfm_graph(
         g, k = vfm_graph, None
     lr = _low_rank64(
         g, rank, lowrank, keys=k, scale=scale, seed=seed, q=q, niter=niter, eta=eta, q0=q0, dq=dq, basis=basis,
+        device_math=dm,
     )
-    s = eigenscale(lr.S, eps, mask=rank_mask(lr.ranks, lr.S.shape[-1])) if eigenscaling else lr.S
+    mask = rank_mask(lr.ranks, lr.S.shape[-1])
+    s = eigenscale(lr.S, eps, mask=mask, compute_dtype=dtype) if eigenscaling else lr.S
     return zero_diagonal(low_rank_graph(lr.U, s, lr.V)), lr.ranks

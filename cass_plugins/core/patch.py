@@ -166,6 +166,7 @@ class PatchHandle:
         vocabulary: Any = None,
         embed_text: Any = None,
         prob_thd: float | None = None,
+        prior: Tensor | None = None,
     ) -> ImageContext:
         """Start an image: reset the window count, compute the presence prior of the whole image once, and call
         every component's ``cass_begin_image``.
@@ -177,6 +178,9 @@ class PatchHandle:
             vocabulary: the :class:`~cass_plugins.pipeline.vocabulary.Vocabulary` (OTA caches its clusters by it).
             embed_text: ``names -> (n, d)`` text encoder for components that embed extra prompts (CDAM).
             prob_thd: the background threshold post-processing will apply (components may change it).
+            prior: ``(1, Q)`` the image's presence prior computed by the caller (``cosine_prior`` of its
+                unpatched image embedding and ``text``), e.g. for several images in one forward
+                (:meth:`~cass_plugins.pipeline.segmenter.Segmenter.segment_many`); ``image`` is then not run.
 
         Returns:
             the :class:`~cass_plugins.core.hookspecs.ImageContext`; after the windows, :meth:`end_image` returns it
@@ -185,7 +189,12 @@ class PatchHandle:
         self._check_active()
         self.reset_windows()
         state = _ImageState(image=image, prior_text=text)
-        if image is not None and self.needs_prior and self.config.pipeline.prior_source == "image":
+        if prior is not None:
+            if prior.dim() != 2 or tuple(prior.shape) != (1, text.shape[0]):
+                raise ValueError(f"prior must be (1, Q) = (1, {text.shape[0]}) for text {tuple(text.shape)}, "
+                                 f"got {tuple(prior.shape)}")
+            state.prior = prior
+        elif image is not None and self.needs_prior and self.config.pipeline.prior_source == "image":
             embedding = image_embedding(self.model, image)
             state.prior = _checked_prior(embedding, text, self.model)
         threshold = self.config.pipeline.prob_thd if prob_thd is None else prob_thd
