@@ -276,13 +276,14 @@ class SamAttention:
         if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 0 <= h < self.num_heads:
             raise IndexError(f"head index must be an integer in [0, {self.num_heads}), got {h!r}")
         gh, gw = self.full_grid
-        logits = (self.q[h] * self.scale) @ self.k[h].transpose(0, 1)
-        if self.rel_h is not None:
-            logits = (logits.view(gh, gw, gh, gw) + self.rel_h[h][:, :, :, None]
-                      + self.rel_w[h][:, :, None, :]).view(gh * gw, gh * gw)
-        attn = logits.softmax(dim=-1)
         rows, cols = self.grid
-        return attn.view(gh, gw, gh, gw)[:rows, :cols, :rows, :cols].reshape(rows * cols, rows * cols)
+        # each row's softmax runs over all keys, so padding queries can be dropped first (their rows are cropped)
+        q = self.q[h].view(gh, gw, -1)[:rows, :cols].reshape(rows * cols, -1)
+        logits = ((q * self.scale) @ self.k[h].transpose(0, 1)).view(rows, cols, gh, gw)
+        if self.rel_h is not None:
+            logits.add_(self.rel_h[h][:rows, :cols, :, None]).add_(self.rel_w[h][:rows, :cols, None, :])
+        attn = logits.view(rows * cols, gh * gw).softmax(dim=-1)
+        return attn.view(rows, cols, gh, gw)[:, :, :rows, :cols].reshape(rows * cols, rows * cols)
 
     def attention(self) -> torch.Tensor:
         """All heads, ``(heads, M, M)`` float32. For small grids and tests: ViT-B at 64×64 needs 805 MB (§10)."""
