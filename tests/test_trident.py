@@ -345,3 +345,29 @@ def test_trident_presets_follow_the_per_dataset_table(dataset):
     assert config["sam_refine"].min_area == 225 and config["sam_refine"].mask_alpha == 0.005
     assert config.components == ("sam_aggregate", "sam_refine")
     assert resolve_config("trident-coarse", dataset).components == ("sam_aggregate",)
+
+
+# ----------------------------------------------------------------------------------------------- end to end (§14.9)
+@pytest.mark.parametrize("preset", ["trident", "trident-coarse"])
+def test_trident_end_to_end_with_a_tiny_random_sam(preset):
+    from tiny_sam import make_tiny_sam, random_image
+
+    clip, vfm, sam = make_tiny_clip(), make_tiny_vfm(patch_size=16), make_tiny_sam()
+    encode = sam.encode
+    calls = []
+    sam.encode = lambda *a, **k: calls.append(k) or encode(*a, **k)
+    image = torch.from_numpy(random_image(70, 100)).permute(2, 0, 1).contiguous()
+    extra = {"sam_refine.min_area": 4, "sam_refine.coarse_thresh": 0.0} if preset == "trident" else {}
+    with Segmenter(clip, vfm, preset=preset, vocabulary=VOCAB, sam=sam, crop=64, stride=32, short_side=64,
+                   **extra) as seg:
+        first, second = seg.segment(image), seg.segment(image)
+    assert first.labels.shape == (70, 100) and first.labels.dtype == torch.int64
+    assert set(first.labels.unique().tolist()) <= {0, 1, 2}
+    assert torch.equal(first.labels, second.labels) and torch.isfinite(first.logits).all()
+    # SAM saw the original image rounded up to multiples of 16 (80×112 → 183×256 of the 256² input): 11×16 tokens
+    assert first.record["sam_grids"] == [(11, 16)]
+    refine = preset == "trident"
+    assert calls == [{"round_to": 16, "split_halves": False, "keep_for_refine": refine}] * 2  # one pass per image
+    assert ("sam_refine" in first.record) == refine
+    if refine:
+        assert first.record["sam_refine"]["regions"]  # prompts were built from the coarse map
