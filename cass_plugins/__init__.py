@@ -9,6 +9,7 @@ The flat public API::
 """
 from cass_plugins.backbone.access import ViTAccess, vit_access
 from cass_plugins.backbone.loading import WeightsUnavailableError, load_clip, load_vfm
+from cass_plugins.backbone.sam import SamBackbone, load_sam
 from cass_plugins.cass.distillation import SpectralAttentionHook, SpectralConfig
 from cass_plugins.cass.matching import HeadMatching, match_heads
 from cass_plugins.cass.ota import OTAConfig, TextEmbeddingAdjuster
@@ -17,13 +18,16 @@ from cass_plugins.core.baseline import Baseline, BlockSettings
 from cass_plugins.core.config import Config, PipelineConfig, list_presets, resolve_config
 from cass_plugins.core.hookspecs import hookimpl, hookspec
 from cass_plugins.core.patch import (
-    DenseOutput, PatchHandle, cosine_logits, cosine_prior, encode_dense, get_patch, image_embedding, patch_clip,
+    DenseOutput, DenseTokens, PatchHandle, cosine_logits, cosine_prior, encode_dense, encode_tokens, get_patch,
+    image_embedding, patch_clip,
 )
 from cass_plugins.core.registry import REGISTRY, ComponentSpec, Preset
 from cass_plugins.core.settings import SettingError, Settings, setting
 from cass_plugins.core.vfm import VFMRunner
 from cass_plugins.pipeline.segmenter import SegmentationResult, Segmenter
 from cass_plugins.pipeline.vocabulary import Vocabulary
+from cass_plugins.trident.affinity import sam_affinity
+from cass_plugins.trident.plugin import SamAggregate, SamAggregateConfig, SamRefine
 
 __version__ = "0.2.0"
 
@@ -34,4 +38,6 @@ __all__ = [
     "Baseline", "BlockSettings", "Settings", "setting", "SettingError", "hookimpl", "hookspec",
     "PresencePriorHead", "PresencePriorConfig", "TextEmbeddingAdjuster", "OTAConfig", "Segmenter",
     "SegmentationResult", "Vocabulary", "load_clip", "load_vfm", "WeightsUnavailableError",
+    "encode_tokens", "DenseTokens", "load_sam", "SamBackbone", "sam_affinity", "SamAggregate", "SamAggregateConfig",
+    "SamRefine",
 ]
