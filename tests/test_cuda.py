@@ -66,3 +66,83 @@ def test_segmenter_on_cuda_matches_cpu_labels() -> None:
     agree = (results["cpu"].labels == results["cuda"].labels).float().mean()
     assert agree > 0.99
     torch.testing.assert_close(results["cuda"].logits, results["cpu"].logits, atol=2e-3, rtol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------ issue 13
+def _count_syncs(fn) -> int:
+    """Synchronising CUDA calls made by ``fn()`` (``torch.cuda.set_sync_debug_mode('warn')`` warns once per call)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+@pytest.mark.parametrize("lowrank", ["randomized", "exact"])
+def test_cass_forward_synchronises_a_fixed_number_of_times_per_batch(lowrank) -> None:
+    # the spectral math stays on the device; the (B, 4, 4) costs cross once, whatever the number of windows B
+    model, vfm = make_tiny_clip(3).cuda(), make_tiny_vfm(4).cuda()
+    with torch.no_grad(), cp.patch_clip(model, vfm, lowrank=lowrank) as handle:
+        counts = {}
+        for b in (2, 12):
+            x = torch.randn(b, 3, 64, 96, device="cuda")
+            cp.encode_dense(model, x)  # warm-up: cuBLAS/cuSOLVER handles, the cached test matrix
+            torch.cuda.synchronize()
+            counts[b] = _count_syncs(lambda: cp.encode_dense(model, x))
+            assert len(handle.last_matching) == b
+    print("synchronisations per forward:", counts)
+    assert counts[2] == counts[12]
+    # input + two output finiteness checks, the spectra's solver checks, the costs, the low rank's solver check,
+    # the ranks: a handful, never one per window
+    assert counts[12] <= 12
+
+
+def test_spectral_device_path_matches_the_cpu_float64_path_on_cuda() -> None:
+    from cass_plugins.cass import spectral
+
+    keys = torch.randn(2, 12, 196, 64, dtype=torch.float64)
+    graph = spectral.attention_graph(keys, 0.125)
+    for method in ("randomized", "exact", "energy"):
+        g = graph if method == "randomized" else None
+        ref, ref_ranks = spectral.distilled_vfm_graph(g, vfm_keys=keys, scale=0.125, lowrank=method, rank=10)
+        out, ranks = spectral.distilled_vfm_graph(None if g is None else g.float().cuda(), vfm_keys=keys.float().cuda(),
+                                                  scale=0.125, lowrank=method, rank=10)
+        assert out.is_cuda and out.dtype == torch.float32
+        assert torch.equal(ranks.cpu(), ref_ranks)
+        assert ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_segment_many_on_cuda_equals_segment_one_by_one() -> None:
+    import skimage.data
+
+    photos = [skimage.data.chelsea(), skimage.data.astronaut()[:200, :350], skimage.data.coffee()[::2, ::3]]
+    with cp.Segmenter(make_tiny_clip(3), make_tiny_vfm(4), vocabulary="cat; dog; sky", device="cuda",
+                      tie_break="sequential", short_side=96, crop=64, stride=32) as seg:
+        one = [seg.segment(p) for p in photos]
+        many = list(seg.segment_many(photos, batch_size=3))
+    for a, b in zip(one, many):
+        # cuBLAS may pick another kernel for a larger batch: rounding-level differences only
+        torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=0)
+        assert (a.labels == b.labels).float().mean() > 0.999
+        assert [m.window for m in b.record["matching"]] == [m.window for m in a.record["matching"]]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_pipeline_on_cuda_agrees_with_float32(precision: str) -> None:
+    import skimage.data
+
+    image = skimage.data.astronaut()
+    kw = dict(vocabulary="person; rocket; flag; sky; sea", device="cuda", short_side=128, crop=64, stride=32,
+              matching=[0, 1, 2, 3])
+    with cp.Segmenter(make_tiny_clip(3), make_tiny_vfm(4), **kw) as seg:
+        ref = seg.segment(image)
+    with cp.Segmenter(make_tiny_clip(3), make_tiny_vfm(4), precision=precision, **kw) as seg:
+        out = list(seg.segment_many([image, image], batch_size=2))[1]
+    agree = (out.logits.argmax(0) == ref.logits.argmax(0)).float().mean().item()
+    print(f"{precision}: {100 * agree:.2f} % of the pixels keep their float32 argmax")
+    assert agree >= 0.99

@@ -609,7 +609,7 @@ def eigenscale(s: Tensor, eps: float = 1.5, mask: Tensor | None = None, *, compu
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
     mask = mask.to(torch.bool).expand_as(x)
-    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    inf = x.new_full((), math.inf)  # a fill, not a host-to-device copy (which synchronises on CUDA)
     s_min = torch.where(mask, x, inf).amin(dim=-1, keepdim=True)
     s_max = torch.where(mask, x, -inf).amax(dim=-1, keepdim=True)
     ok = s_max > s_min  # false for a constant vector and for an empty mask (inf > -inf is false there)
