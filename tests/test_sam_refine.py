@@ -31,7 +31,7 @@ def _bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
     scale = n_in / n_out
     for d in range(n_out):
         src = max((d + 0.5) * scale - 0.5, 0.0)
-        i0 = min(int(math.floor(src)), n_in - 1)
+        i0 = min(math.floor(src), n_in - 1)
         i1 = min(i0 + 1, n_in - 1)
         lam = src - i0
         m[d, i0] += 1.0 - lam
@@ -233,8 +233,11 @@ def _merge_case():
     m1 = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)
     m2 = torch.tensor([[0, 0, 0], [1, 0, 0]], dtype=torch.bool)
     m3 = torch.tensor([[0, 1, 1], [1, 0, 1]], dtype=torch.bool)
-    sig = lambda m, a: torch.where(m, torch.tensor(a), torch.tensor(-a))  # noqa: E731 - logit > 0 exactly on m
-    accepted = {1: [(m1, sig(m1, 2.0)), (m2, sig(m2, 1.0))], 2: [(m3, sig(m3, 1.0))]}
+
+    def logits_on(m: torch.Tensor, a: float) -> torch.Tensor:  # logits > 0 exactly on the mask, as SAM's would be
+        return torch.where(m, torch.tensor(a), torch.tensor(-a))
+
+    accepted = {1: [(m1, logits_on(m1, 2.0)), (m2, logits_on(m2, 1.0))], 2: [(m3, logits_on(m3, 1.0))]}
     return probs, labels, accepted
 
 
@@ -299,8 +302,8 @@ class _StubPredictor:
 
     def predict_torch(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True,
                       return_logits=False):
-        self.calls.append(dict(points=point_coords, labels=point_labels, boxes=boxes, mask=mask_input,
-                               multimask=multimask_output, logits=return_logits))
+        self.calls.append({"points": point_coords, "labels": point_labels, "boxes": boxes, "mask": mask_input,
+                           "multimask": multimask_output, "logits": return_logits})
         iou, maps = self.responses.pop(0)
         low = torch.stack(maps)[:, None]
         return low, torch.tensor(iou, dtype=torch.float32)[:, None], low
@@ -420,7 +423,13 @@ def test_refine_refuses_bad_inputs_before_calling_sam() -> None:
 # ---------------------------------------------------------------------------------------------------- tiny real SAM
 def _make_tiny_sam(seed: int = 0):
     """Tiny random segment_anything SAM (trident.md §14): grid 16×16, mask input 64×64. IoU head biased to ≈0.9."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
     from segment_anything.modeling.common import LayerNorm2d
 
     torch.manual_seed(seed)

@@ -10,8 +10,9 @@ Settings section ``sam_refine`` (:class:`SamRefineConfig`), defaults from §9.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,16 +22,16 @@ from scipy import ndimage
 from cass_plugins.core.settings import Settings, setting
 
 __all__ = [
-    "SamRefineConfig",
     "Region",
+    "SamRefineConfig",
     "downsample",
-    "mark_uncertain",
     "find_regions",
     "get_preprocess_shape",
+    "mark_uncertain",
     "mask_prompt",
-    "scale_prompts",
     "merge_refined",
     "refine_labels",
+    "scale_prompts",
 ]
 
 
