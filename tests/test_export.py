@@ -184,3 +184,65 @@ def test_format_checks():
         export.check_formats(["npz"], dilate=3)
     with pytest.raises(ValueError, match="classes"):
         export.class_masks(np.array([[0, 5]]), ["a", "b"])
+
+
+# ------------------------------------------------------------------------------------------------ cass-segment
+def test_cli_exports_every_format(tmp_path, monkeypatch):
+    from skimage import data
+
+    import cass_plugins.cli.common as cli_common
+    import cass_plugins.cli.segment as cli
+    from conftest import TINY_CLIP, _register_tiny_clip, make_tiny_vfm
+
+    _register_tiny_clip()
+    monkeypatch.setattr(cli_common, "load_vfm", lambda name, weights, **kw: make_tiny_vfm())
+    Image.fromarray(data.chelsea()[::4, ::4]).save(tmp_path / "cat.png")
+    out = tmp_path / "out"
+    classes = "cat; sky/clouds; grass; Cat house"
+    argv = ["--classes", classes, "--out", str(out), "--export", "png", "--export", "coco-rle", "--export", "npz",
+            "--mask-dilate", "2", "--clip", TINY_CLIP, "--pretrained", "random", "--vfm", "tiny", "--vfm-weights",
+            "random", "--device", "cpu", "--set", "short_side=64", "crop=64", "stride=32", "--", str(tmp_path / "cat.png")]
+    assert cli.main(argv) == 0
+    labels = np.asarray(Image.open(out / "cat_labels.png")).astype(np.int64)
+    names = ["cat", "sky/clouds", "grass", "Cat house"]
+    files = dict(zip(names, ["cat.png", "sky_clouds.png", "grass.png", "Cat_house.png"]))
+    present = sorted(set(np.unique(labels).tolist()))
+    assert sorted(p.name for p in (out / "cat").glob("*.png")) == sorted(files[names[i]] for i in present)
+    yy, xx = np.mgrid[-2:3, -2:3]
+    disk = yy ** 2 + xx ** 2 <= 4
+    coco = json.loads((out / "cat" / "segments.coco.json").read_text())
+    assert [a["category_id"] for a in coco["annotations"]] == [i + 1 for i in present]
+    for i, ann in zip(present, coco["annotations"]):
+        # the reference dilation: OR of the mask shifted by every offset of the radius-2 disk
+        m = labels == i
+        padded = np.pad(m, 2)
+        ref = np.zeros_like(m)
+        for dy, dx in zip(*np.nonzero(disk)):
+            ref |= padded[dy:dy + m.shape[0], dx:dx + m.shape[1]]
+        png = np.asarray(Image.open(out / "cat" / files[names[i]])) == 255
+        assert np.array_equal(png, ref)
+        decoded = mask_api.decode({"size": ann["segmentation"]["size"],
+                                   "counts": ann["segmentation"]["counts"].encode("ascii")}).astype(bool)
+        assert np.array_equal(decoded, ref)
+    npz = export.load_npz(out / "cat" / "maps.npz")
+    assert np.array_equal(npz["labels"], labels) and npz["probs"].shape == (4, *labels.shape)
+    assert npz["class_names"] == names
+    summary = json.loads((out / "cat.json").read_text())
+    assert summary["exports"]["mask_files"] == {names[i]: files[names[i]] for i in present}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--export", "jpeg"], "invalid choice: 'jpeg'"),
+    (["--export", "png", "--mask-dilate", "-1"], "--mask-dilate must be a whole number of pixels >= 0"),
+    (["--export", "npz", "--mask-dilate", "3"], "add --export png or --export coco-rle"),
+    (["--mask-dilate", "3"], "add --export png"),
+])
+def test_cli_export_errors_before_any_model(tmp_path, capsys, argv, message):
+    import cass_plugins.cli.segment as cli
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--classes", "cat; sky", "--out", str(tmp_path / "o"), *argv, str(tmp_path / "a.png")])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -7,14 +7,19 @@ import logging
 import os
 import re
 import sys
+from collections import deque
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from cass_plugins.backbone.loading import WeightsUnavailableError
 from cass_plugins.cli.common import CliParser, add_config_arguments, add_model_arguments, config_from_args, models_from_args
 from cass_plugins.core.settings import SettingError
+from cass_plugins.pipeline.export import EXPORT_FORMATS, check_formats
+from cass_plugins.video.io import VIDEO_INSTALL_HINT, VIDEO_SUFFIXES, is_video_path
+from cass_plugins.video.temporal import TEMPORAL_MODES, TemporalConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -25,9 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = CliParser(
         prog="cass-segment",
         description=(
-            "Training-free open-vocabulary segmentation of images with CASS (or another baseline). For every image "
-            "writes <stem>_overlay.png (colours + legend), <stem>_labels.png (class index per pixel) and "
-            "<stem>.json (class areas, vocabulary, resolved configuration) into --out."
+            "Training-free open-vocabulary segmentation of images and videos with CASS (or another baseline). For "
+            "every image writes <stem>_overlay.png (colours + legend), <stem>_labels.png (class index per pixel) and "
+            "<stem>.json (class areas, vocabulary, resolved configuration) into --out. For every video (.mp4, .mkv, "
+            ".webm, .avi, .mov ...; needs the [video] extra) writes <stem>_overlay.<ext> (same container where "
+            "possible, MP4 otherwise), <stem>.json (per-frame class areas, flicker) and, with --frame-labels, "
+            "<stem>_labels/<frame>.png. --export adds masks: <stem>/<class>.png (png), <stem>/segments.coco.json "
+            "(coco-rle), <stem>/maps.npz (npz); for videos one folder per frame (<stem>/<frame>/<class>.png, "
+            "<stem>/<frame>.npz) and one COCO file."
         ),
         epilog=(
             "examples:\n"
@@ -35,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  cass-segment a.jpg b.png --dataset-classes voc21 --dataset voc21\n"
             "  cass-segment --print-config --dataset cityscapes --set ops.gamma=0.2 spectral.lowrank=exact\n"
             "  cass-segment photo.jpg --classes \"cat; sky\" --baseline sclip --components spectral,ops,ota\n"
+            "  cass-segment clip.mp4 --classes \"person; dog; grass\" --every 2 --max-frames 300 --out out/\n"
+            "  cass-segment photo.jpg --classes \"person; sky\" --export png --mask-dilate 8   # inpainting masks\n"
             "\n"
             "vocabulary: ';' separates classes, ',' the synonyms of one class; a pixel gets the class of its best\n"
             "  synonym, and the first class is the background when a threshold (prob_thd) applies.\n"
@@ -48,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("images", nargs="*", type=Path,
-                   help="image files (any format Pillow reads; grayscale, RGBA and 16-bit are converted)")
+                   help="image files (any format Pillow reads; grayscale, RGBA and 16-bit are converted) and video "
+                   "files (" + " ".join(VIDEO_SUFFIXES) + ")")
     voc = p.add_mutually_exclusive_group()  # one is required unless --print-config
     voc.add_argument("--classes", help='class names, e.g. "truck; sheep; sky, clouds"')
     voc.add_argument("--classes-file", type=Path, help="file with one class per line, synonyms separated by ', '")
@@ -65,6 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "--no-keep-going stops at the first (default: on)")
     p.add_argument("--no-cache", action="store_true",
                    help="do not read or write the on-disk text-embedding cache (~/.cache/cass_plugins)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="images or video frames per batched forward, where the Segmenter has one (default: %(default)s)")
+    ex = p.add_argument_group("mask export")
+    ex.add_argument("--export", action="append", default=[], choices=EXPORT_FORMATS, metavar="FORMAT",
+                    help="also write masks, repeatable: png (<stem>/<class>.png, 255 inside, for inpainting), "
+                    "coco-rle (<stem>/segments.coco.json, pycocotools RLE), npz (<stem>/maps.npz: labels + float16 "
+                    "per-class probabilities)")
+    ex.add_argument("--mask-dilate", type=int, default=0, metavar="PX",
+                    help="grow the png / coco-rle masks by PX pixels (inpainting needs a margin) (default: 0)")
+    vid = p.add_argument_group("video")
+    vid.add_argument("--every", type=int, default=None, metavar="N", help="segment every N-th frame (default: 1)")
+    vid.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N segmented frames")
+    vid.add_argument("--frame-labels", action="store_true", help="write every frame's label PNG (<stem>_labels/)")
+    vid.add_argument("--temporal", choices=TEMPORAL_MODES, default=None,
+                     help="temporal consistency (docs/video.md): on = stable CASS head assignment (where spectral "
+                     "distillation runs) + motion-guarded logit smoothing; matching / smoothing = one of them; off "
+                     "(default: on)")
+    vid.add_argument("--smoothing", type=float, default=None, metavar="BETA",
+                     help=f"weight of the previous frames in the logit moving average, [0, 1) (default: {TemporalConfig.smoothing})")
+    vid.add_argument("--motion-threshold", type=float, default=None, metavar="T",
+                     help="mean RGB change (0-1) of a logit cell above which smoothing restarts there "
+                     f"(default: {TemporalConfig.motion_threshold})")
+    vid.add_argument("--tie-margin", type=float, default=None, metavar="M",
+                     help=f"cost margin within which the previous head assignment is kept (default: {TemporalConfig.tie_margin})")
     add_config_arguments(p)
     add_model_arguments(p)
     return p
@@ -153,13 +190,9 @@ def _write_staged(out: Path, writers: dict[str, Callable[[Path], None]]) -> None
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from cass_plugins import __version__
-    from cass_plugins.pipeline.image import load_image
     from cass_plugins.backbone.loading import CheckpointError
     from cass_plugins.pipeline.segmenter import Segmenter, _parse_vocabulary
-    from cass_plugins.pipeline.visualize import legend_overlay, save_label_map
     from cass_plugins.pipeline.vocabulary import Vocabulary
 
     try:
@@ -188,6 +221,16 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
         raise _CliError(f"image file(s) not found: {', '.join(missing)}")
+    videos = [p for p in args.images if is_video_path(p)]
+    temporal = _temporal_from_args(args, bool(videos))
+    try:
+        exports = check_formats(args.export, args.mask_dilate)
+    except ValueError as err:
+        raise _CliError(str(err).replace("mask dilation", "--mask-dilate")) from err
+    if args.batch_size < 1:
+        raise _CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if videos:
+        _check_videos(videos)
     _prepare_out(args.out)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise _CliError("--device cuda was requested but no CUDA device is available; use --device cpu")
@@ -210,45 +253,269 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "device": str(args.device),
         "precision": args.precision,
     }
-    stems = _unique_stems(args.images)
+    stems = dict(zip(args.images, _unique_stems(args.images)))
+    images = [p for p in args.images if not is_video_path(p)]
     failed: list[str] = []
+    written = 0
+
+    def fail(path: Path, err: Exception) -> None:
+        if args.debug:
+            raise err
+        message = str(err) if isinstance(err, (ValueError, FileNotFoundError)) else _one_line(err)
+        message = message if str(path) in message else f"{path}: {message}"
+        if not args.keep_going:
+            raise _CliError(message, code=1) from err
+        print(f"error: {message} (skipped)", file=sys.stderr)
+        failed.append(str(path))
+
     with segmenter:
-        for path, stem in tqdm(list(zip(args.images, stems)), desc="segmenting", unit="img",
-                               disable=len(args.images) < 2):
+        if images:
+            written += _segment_images(args, segmenter, vocabulary, images, stems, exports, provenance, fail)
+        for path in videos:
             try:
-                result = segmenter.segment(path, maps=False)  # labels only: bounded memory on large images
+                written += _segment_one_video(args, segmenter, vocabulary, path, stems[path], exports, temporal,
+                                              provenance)
+            except _CliError:
+                raise
+            except Exception as err:  # one bad video must not cost the others (--keep-going)
+                fail(path, err)
+    print(f"wrote {written} files to {args.out}")
+    if failed:
+        print(f"error: {len(failed)} of {len(args.images)} images failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _temporal_from_args(args: argparse.Namespace, has_video: bool) -> TemporalConfig:
+    """The video flags as a :class:`TemporalConfig`; refused without a video, or where they would not act."""
+    from cass_plugins.video.temporal import resolve_temporal
+
+    given = {flag: getattr(args, attr) for flag, attr in (
+        ("--every", "every"), ("--max-frames", "max_frames"), ("--temporal", "temporal"),
+        ("--smoothing", "smoothing"), ("--motion-threshold", "motion_threshold"), ("--tie-margin", "tie_margin"),
+    ) if getattr(args, attr) is not None}
+    if args.frame_labels:
+        given["--frame-labels"] = True
+    if given and not has_video:
+        raise _CliError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to video inputs only "
+                        f"({', '.join(VIDEO_SUFFIXES[:6])} ...), and none was given")
+    if args.every is not None and args.every < 1:
+        raise _CliError(f"--every must be >= 1 (1 = every frame, 2 = every other frame), got {args.every}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise _CliError(f"--max-frames must be >= 1, got {args.max_frames}")
+    base = resolve_temporal(args.temporal or "on")
+    values: dict[str, object] = {}
+    if args.smoothing is not None:
+        if not base.smoothing_on:
+            raise _CliError(f"--smoothing has no effect with --temporal {args.temporal} (no smoothing); use "
+                            "--temporal on or smoothing")
+        values["smoothing"] = args.smoothing
+    if args.motion_threshold is not None:
+        if not base.smoothing_on:
+            raise _CliError(f"--motion-threshold guards the smoothing, which --temporal {args.temporal} switches off")
+        values["motion_threshold"] = args.motion_threshold
+    if args.tie_margin is not None:
+        if base.stable_matching is False:
+            raise _CliError(f"--tie-margin belongs to the stable head assignment, which --temporal {args.temporal} "
+                            "switches off")
+        values["tie_margin"] = args.tie_margin
+    try:
+        return TemporalConfig(**{**base.__dict__, **values})
+    except ValueError as err:
+        raise _CliError(str(err)) from err
+
+
+def _check_videos(videos: Sequence[Path]) -> None:
+    """PyAV present and every video readable, before any model loads."""
+    from cass_plugins.video.io import VideoError, probe_video, require_av
+
+    try:
+        require_av()
+    except ImportError as err:
+        raise _CliError(f"video input ({videos[0]}) needs PyAV: {VIDEO_INSTALL_HINT}") from err
+    for path in videos:
+        try:
+            probe_video(path)
+        except VideoError as err:
+            raise _CliError(str(err)) from err
+
+
+def _write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary name in the same folder, then rename: no half-written file on failure."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def _export(result: object, folder: Path, exports: Sequence[str], dilate: int, *, npz_name: str = "maps.npz",
+            masks_folder: Path | None = None) -> dict[str, str]:
+    """Write the per-image exports (not coco-rle, which the caller collects); returns what was written where."""
+    from cass_plugins.pipeline.export import write_mask_pngs
+
+    out: dict[str, str] = {}
+    if "png" in exports:
+        target = masks_folder or folder
+        files = write_mask_pngs(target, result.labels, result.vocabulary.class_names, dilate)
+        out["png"] = str(target)
+        out["mask_files"] = {name: p.name for name, p in files.items()}
+    if "npz" in exports:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_file(folder / npz_name, lambda p: result.save_npz(p))
+        out["npz"] = str(folder / npz_name)
+    return out
+
+
+def _segment_images(args: argparse.Namespace, segmenter: object, vocabulary: object, paths: Sequence[Path],
+                    stems: dict[Path, str], exports: Sequence[str], provenance: dict,
+                    fail: Callable[[Path, Exception], None]) -> int:
+    """Segment the image inputs (through ``segment_many`` when the Segmenter has it); returns the files written."""
+    from tqdm import tqdm
+
+    from cass_plugins.pipeline.image import load_image
+    from cass_plugins.pipeline.visualize import legend_overlay, save_label_map
+
+    maps = "npz" in exports  # the probabilities are exported; otherwise labels only, memory bounded
+    pending: deque[tuple[Path, torch.Tensor]] = deque()
+
+    def loaded() -> Iterator[torch.Tensor]:
+        for path in paths:
+            try:
+                image = load_image(path)
+            except Exception as err:  # a bad file is reported and skipped (--keep-going) before the model sees it
+                fail(path, err)
+                continue
+            pending.append((path, image))
+            yield image
+
+    many = getattr(segmenter, "segment_many", None)
+    results = (many(loaded(), vocabulary, batch_size=args.batch_size, maps=maps) if many is not None
+               else (segmenter.segment(image, maps=maps) for image in loaded()))
+    written = 0
+    bar = tqdm(total=len(paths), desc="segmenting", unit="img", disable=len(paths) < 2)
+    with bar:
+        for result in results:
+            path, image = pending.popleft()
+            stem = stems[path]
+            bar.update(1)
+            try:
                 areas = result.class_areas()
                 summary = {
                     "image": str(path),
                     "size": list(result.labels.shape),
-                    "classes": list(vocabulary.class_names),
-                    "synonyms": [list(c) for c in vocabulary.classes],
+                    "classes": list(result.vocabulary.class_names),
+                    "synonyms": [list(c) for c in result.vocabulary.classes],
                     "areas": areas,
                     "config": segmenter.config.to_dict(),
                     **provenance,
                 }
-                overlay = legend_overlay(load_image(path), result.labels, vocabulary.class_names, areas,
-                                         alpha=args.alpha)
+                overlay = legend_overlay(image, result.labels, result.vocabulary.class_names, areas, alpha=args.alpha)
+                if exports:
+                    folder = args.out / stem
+                    summary["exports"] = _export(result, folder, exports, args.mask_dilate)
+                    if "coco-rle" in exports:
+                        doc = result.to_coco(image_id=1, file_name=path.name, dilate=args.mask_dilate)
+                        _write_file(folder / "segments.coco.json", lambda p: p.write_text(json.dumps(doc)))
+                        summary["exports"]["coco-rle"] = str(folder / "segments.coco.json")
+                    written += len(summary["exports"].get("mask_files", {})) + ("npz" in exports) + ("coco-rle" in exports)
                 _write_staged(args.out, {
                     f"{stem}_overlay.png": lambda p: overlay.save(p, format="PNG"),
                     f"{stem}_labels.png": lambda p: save_label_map(p, result.labels),
                     f"{stem}.json": lambda p: p.write_text(json.dumps(summary, indent=2, default=str)),
                 })
+                written += 3
             except Exception as err:  # one bad image must not cost the others (--keep-going)
-                if args.debug:
-                    raise
-                message = str(err) if isinstance(err, (ValueError, FileNotFoundError)) else _one_line(err)
-                message = message if str(path) in message else f"{path}: {message}"
-                if not args.keep_going:
-                    raise _CliError(message, code=1) from err
-                print(f"error: {message} (skipped)", file=sys.stderr)
-                failed.append(str(path))
-    written = len(args.images) - len(failed)
-    print(f"wrote {3 * written} files to {args.out}")
-    if failed:
-        print(f"error: {len(failed)} of {len(args.images)} images failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+                fail(path, err)
+    return written
+
+
+def _segment_one_video(args: argparse.Namespace, segmenter: object, vocabulary: object, path: Path, stem: str,
+                       exports: Sequence[str], temporal: TemporalConfig, provenance: dict) -> int:
+    """Segment one video: overlay video, per-frame JSON, optional label PNGs and exports; returns files written."""
+    from tqdm import tqdm
+
+    from cass_plugins.pipeline.export import coco_annotations, coco_document
+    from cass_plugins.pipeline.visualize import legend_overlay, save_label_map
+    from cass_plugins.video.io import VideoWriter, output_format, probe_video
+    from cass_plugins.video.segment import segment_video
+
+    info = probe_video(path)
+    every = args.every or 1
+    frames = segment_video(segmenter, path, vocabulary, every=every, max_frames=args.max_frames, temporal=temporal,
+                           batch_size=args.batch_size, maps="npz" in exports)
+    suffix, container, codec = output_format(path)
+    final = args.out / f"{stem}_overlay{suffix}"
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    expected = -(-info.frames // every) if info.frames else None
+    if expected is not None and args.max_frames is not None:
+        expected = min(expected, args.max_frames)
+    names = list(vocabulary.class_names)
+    per_frame: list[dict] = []
+    images_coco: list[dict] = []
+    annotations: list[dict] = []
+    changed: list[float] = []
+    previous = None
+    written = 0
+    labels_dir = args.out / f"{stem}_labels"
+    try:
+        with VideoWriter(tmp, info.fps / every if info.fps else 25, container, codec) as writer, \
+                tqdm(frames, total=expected, desc=stem, unit="frame", disable=None) as bar:
+            for frame in bar:
+                result = frame.result
+                areas = result.class_areas()
+                writer.write(np.asarray(legend_overlay(frame.image, result.labels, names, None, alpha=args.alpha,
+                                                       only_present=False)))
+                entry = {"index": frame.index, "time": frame.time, "areas": areas, "temporal": frame.temporal}
+                if previous is not None:
+                    changed.append(float((result.labels != previous).float().mean()))
+                    entry["changed"] = changed[-1]
+                previous = result.labels
+                tag = f"{frame.index:06d}"
+                if args.frame_labels:
+                    labels_dir.mkdir(exist_ok=True)
+                    _write_file(labels_dir / f"{tag}.png", lambda p: save_label_map(p, result.labels))
+                    written += 1
+                if exports:
+                    entry["exports"] = _export(result, args.out / stem, exports, args.mask_dilate,
+                                               npz_name=f"{tag}.npz", masks_folder=args.out / stem / tag)
+                    written += len(entry["exports"].get("mask_files", {})) + ("npz" in exports)
+                if "coco-rle" in exports:
+                    h, w = result.labels.shape
+                    images_coco.append({"id": frame.index, "file_name": tag, "height": int(h), "width": int(w)})
+                    annotations += coco_annotations(result.labels, names, frame.index, dilate=args.mask_dilate,
+                                                    first_id=len(annotations) + 1)
+                per_frame.append(entry)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    written += 1
+    if "coco-rle" in exports:
+        doc = coco_document(images_coco, names, annotations)
+        (args.out / stem).mkdir(exist_ok=True)
+        _write_file(args.out / stem / "segments.coco.json", lambda p: p.write_text(json.dumps(doc)))
+        written += 1
+    summary = {
+        "video": str(path),
+        "size": [info.height, info.width],
+        "fps": float(info.fps) if info.fps else None,
+        "every": every,
+        "max_frames": args.max_frames,
+        "overlay": final.name,
+        "overlay_padded": writer.padded,
+        "classes": names,
+        "synonyms": [list(c) for c in vocabulary.classes],
+        "temporal": {**temporal.__dict__},
+        # fraction of pixels whose label changed between consecutive segmented frames, averaged (docs/video.md)
+        "flicker": float(np.mean(changed)) if changed else None,
+        "frames": per_frame,
+        "config": segmenter.config.to_dict(),
+        **provenance,
+    }
+    _write_file(args.out / f"{stem}.json", lambda p: p.write_text(json.dumps(summary, indent=2, default=str)))
+    return written + 1
 
 
 def _unique_stems(paths: Sequence[Path]) -> list[str]:
