@@ -367,3 +367,94 @@ def test_video_file_end_to_end(segmenter, tmp_path):
     out = list(segment_video(segmenter, path, CLASSES, every=2))
     assert [o.index for o in out] == [0, 2, 4] and out[1].time == pytest.approx(0.2)
     assert out[0].result.labels.shape == frames[0].shape[:2]
+
+
+# ------------------------------------------------------------------------------------------------ cass-segment
+def cli_argv(tmp_path, monkeypatch) -> list[str]:
+    import cass_plugins.cli.common as cli_common
+    from conftest import TINY_CLIP, _register_tiny_clip
+
+    _register_tiny_clip()
+    monkeypatch.setattr(cli_common, "load_vfm", lambda name, weights, **kw: make_tiny_vfm())
+    return ["--clip", TINY_CLIP, "--pretrained", "random", "--vfm", "tiny", "--vfm-weights", "random",
+            "--device", "cpu", "--set", "short_side=64", "crop=64", "stride=32", "--"]
+
+
+def test_cli_video(tmp_path, monkeypatch):
+    import json
+
+    from PIL import Image
+
+    import cass_plugins.cli.segment as cli
+
+    frames = jittered_frames(5)
+    path = tmp_path / "clip.mkv"
+    write_video(path, frames)
+    out = tmp_path / "out"
+    assert cli.main(["--classes", CLASSES, "--out", str(out), "--every", "2", "--max-frames", "2", "--frame-labels",
+                     "--export", "coco-rle", "--export", "png", *cli_argv(tmp_path, monkeypatch), str(path)]) == 0
+    summary = json.loads((out / "clip.json").read_text())
+    assert [f["index"] for f in summary["frames"]] == [0, 2] and summary["overlay"] == "clip_overlay.mkv"
+    overlay = list(vio.iter_video_frames(out / "clip_overlay.mkv"))
+    assert len(overlay) == 2 and overlay[0].image.shape[1] > frames[0].shape[1]  # the legend panel
+    coco = json.loads((out / "clip" / "segments.coco.json").read_text())
+    assert [im["id"] for im in coco["images"]] == [0, 2]
+    labels = {}
+    for f in summary["frames"]:
+        lab = np.asarray(Image.open(out / "clip_labels" / f"{f['index']:06d}.png")).astype(np.int64)
+        labels[f["index"]] = lab
+        counts = np.bincount(lab.ravel(), minlength=4) / lab.size
+        assert np.allclose([f["areas"][c] for c in summary["classes"]], counts)
+        for ann in (a for a in coco["annotations"] if a["image_id"] == f["index"]):
+            assert np.array_equal(vio_decode(ann), lab == ann["category_id"] - 1)
+            name = summary["classes"][ann["category_id"] - 1]
+            png = np.asarray(Image.open(out / "clip" / f"{f['index']:06d}" / f"{name}.png"))
+            assert np.array_equal(png == 255, lab == ann["category_id"] - 1)
+    assert summary["flicker"] == pytest.approx((labels[0] != labels[2]).mean())
+    assert summary["temporal"]["smoothing"] == 0.5
+
+
+def vio_decode(ann: dict) -> np.ndarray:
+    from cass_plugins.pipeline.export import rle_decode
+
+    return rle_decode(ann["segmentation"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--every", "0"], "--every must be >= 1"),
+    (["--max-frames", "-3"], "--max-frames must be >= 1"),
+    (["--temporal", "off", "--smoothing", "0.3"], "--smoothing has no effect with --temporal off"),
+    (["--smoothing", "1.5"], "smoothing (β of the moving average) must lie in [0, 1)"),
+])
+def test_cli_video_errors(tmp_path, capsys, extra, message):
+    import cass_plugins.cli.segment as cli
+
+    path = tmp_path / "clip.mkv"
+    write_video(path, jittered_frames(2, size=8))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--classes", CLASSES, "--out", str(tmp_path / "o"), *extra, str(path)])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_video_input_errors(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import cass_plugins.cli.segment as cli
+
+    Image.fromarray(jittered_frames(1, size=8)[0]).save(tmp_path / "a.png")
+    (tmp_path / "bad.mp4").write_bytes(b"\x00\x01" * 300)
+    cases = [
+        ([str(tmp_path / "a.png"), "--every", "2"], "--every applies to video inputs only"),
+        ([str(tmp_path / "bad.mp4")], "cannot read"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--classes", CLASSES, "--out", str(tmp_path / "o"), *argv])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(SystemExit):
+        cli.main(["--classes", CLASSES, "--out", str(tmp_path / "o"), str(tmp_path / "bad.mp4")])
+    assert 'pip install "cass_plugins[video]"' in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
