@@ -270,3 +270,22 @@ def test_compiled_towers_give_the_eager_logits(photos) -> None:
         compiled = seg.segment(photos[0])
     assert all(getattr(b, "_compiled_call_impl", None) is None for b in model.modules())  # undone by close()
     torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def test_evaluate_with_workers_and_batches_scores_like_one_image_at_a_time(tmp_path) -> None:
+    from cass_plugins.evaluation.runner import evaluate
+    from test_eval import make_voc
+
+    make_voc(tmp_path)
+    models = (make_tiny_clip(), make_tiny_vfm())
+    kw = dict(overrides={"short_side": 64, "tie_break": "sequential"}, progress=False)
+    one = evaluate(models, "voc21", tmp_path, **kw)
+    # two worker processes decode and resize; three images per segment_many batch (sizes differ: VOC21 is whole-image)
+    many = evaluate(models, "voc21", tmp_path, batch_size=3, workers=2, **kw)
+    assert many["scored"] == one["scored"] and many["num_images"] == one["num_images"] == 5
+    assert many["state"] == one["state"]  # the same per-class areas: the same labels on every image
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(models, "voc21", tmp_path, batch_size=0, **kw)
+    with pytest.raises(ValueError, match="workers"):
+        evaluate(models, "voc21", tmp_path, workers=-1, **kw)

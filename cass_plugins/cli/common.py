@@ -50,7 +50,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="segment_anything (pip install \"cass_plugins[sam]\"; aggregation and refinement) or timm "
                    "(aggregation only) (default: %(default)s)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="precision of both towers; the spectral math stays float32 on CUDA (default: %(default)s)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks of both towers (all but the patched last ones); pays "
+                        "off over many images on a GPU, costs minutes of compilation on a CPU")
 
 
 def models_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:

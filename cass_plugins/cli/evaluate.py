@@ -63,6 +63,12 @@ def build_parser(with_model_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk text-embedding cache")
     p.add_argument("--checkpoint-every", type=int, default=20, metavar="N",
                    help="images between two progress checkpoints (default 20)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images whose windows share forwards (Segmenter.segment_many; default: 8 on CUDA, 1 on the "
+                        "CPU, where the forwards dominate and batching gains nothing)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="DataLoader processes decoding and resizing images while the models run (default: 4 on "
+                        "CUDA, 0 on the CPU, where they would compete with the models for the cores)")
     p.add_argument("--dist-backend", default=None, choices=("nccl", "gloo"),
                    help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)")
     if with_model_flags:
@@ -140,6 +146,10 @@ def main(argv: Sequence[str] | None = None, *, models: Any = None) -> int:
         parser.error(f"--limit must be a positive number of images, got {args.limit}")
     if args.checkpoint_every < 1:
         parser.error(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
     model_flags = {k: getattr(args, k) for k in _MODEL_FLAGS if hasattr(args, k)} if models is None else {}
     try:
         components, overrides, configs = _resolve(args, with_vfm=models is not None or vfm_requested(args))
@@ -157,6 +167,9 @@ def main(argv: Sequence[str] | None = None, *, models: Any = None) -> int:
             eval_device = None  # models_from_args already placed them
         else:
             eval_device = device
+        on_cuda = str(device).startswith("cuda")
+        workers = args.workers if args.workers is not None else (4 if on_cuda else 0)
+        batch_size = args.batch_size if args.batch_size is not None else (8 if on_cuda else 1)
         sections: dict[str, dict[str, Any]] = {}
         for name in configs:
             sections[name] = evaluate(
@@ -164,6 +177,7 @@ def main(argv: Sequence[str] | None = None, *, models: Any = None) -> int:
                 baseline=args.baseline, components=components, overrides=overrides,
                 device=eval_device, model_info=model_flags, restart=args.restart, progress=not args.no_progress,
                 verbose=True, checkpoint_every=args.checkpoint_every, text_cache=not args.no_cache,
+                batch_size=batch_size, workers=workers, compile=getattr(args, "compile", False),
             )
         if dist.is_main:
             print()

@@ -29,6 +29,7 @@ __all__ = [
     "DATASETS",
     "DatasetInfo",
     "IGNORE_INDEX",
+    "PreparedImages",
     "SegmentationDataset",
     "coco_object_lut",
     "coco_stuff_lut",
@@ -312,6 +313,30 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"SegmentationDataset({self.info.name!r}, root={str(self.root)!r}, n={len(self)})"
+
+
+class PreparedImages(torch.utils.data.Dataset):
+    """Items ``indices[k]`` of a :class:`SegmentationDataset` with the image decoded, resized and CLIP-normalised
+    (:func:`~cass_plugins.pipeline.segmenter.prepare_image`), for ``DataLoader`` workers: ``dict(name, label,
+    image)`` where ``image`` is a :class:`~cass_plugins.pipeline.segmenter.PreparedImage` (pinned by
+    ``pin_memory=True``), or the image's path when ``short_side`` is ``None`` (the segmenter decodes it itself).
+    """
+
+    def __init__(self, dataset: SegmentationDataset, indices: Iterable[int], short_side: int | None,
+                 max_long_side: int = 2048) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+        self.short_side, self.max_long_side = short_side, max_long_side
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        from cass_plugins.pipeline.segmenter import prepare_image  # the pipeline loads models; import on use
+
+        item = self.dataset[self.indices[k]]
+        path = item["image_path"]
+        image = path if self.short_side is None else prepare_image(path, self.short_side, self.max_long_side)
+        return {"name": item["name"], "label": item["label"], "image": image}
 
 
 # ----------------------------------------------------------------------------------------------------------------

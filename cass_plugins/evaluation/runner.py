@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from cass_plugins.core.registry import REGISTRY
-from cass_plugins.evaluation.datasets import SegmentationDataset, get_dataset_info
+from cass_plugins.evaluation.datasets import PreparedImages, SegmentationDataset, get_dataset_info
 from cass_plugins.evaluation.distributed import DistInfo, all_reduce, barrier, dist_info, gather_names, shard
 from cass_plugins.evaluation.distributed import init_distributed
 from cass_plugins.evaluation.metrics import IoUAccumulator
@@ -147,6 +148,9 @@ def evaluate(
     verbose: bool = False,
     checkpoint_every: int = 20,
     text_cache: bool = True,
+    batch_size: int = 1,
+    workers: int = 0,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one dataset (resumable; sharded and all-reduced when a process group is initialised).
 
@@ -170,6 +174,12 @@ def evaluate(
         verbose: print the resolved configuration (rank 0 only).
         checkpoint_every: images between two checkpoints of this rank's progress (only with ``out``).
         text_cache: use the on-disk text-embedding cache.
+        batch_size: images per :meth:`~cass_plugins.pipeline.segmenter.Segmenter.segment_many` batch (the windows
+            of that many images share forwards; logits equal one image at a time to float rounding). With 1 and no
+            workers each image is segmented from its path by ``Segmenter.segment``.
+        workers: ``DataLoader`` worker processes that decode, resize and normalise the images while the models
+            run (0: in this process). On CUDA the prepared images are pinned and copied without blocking.
+        compile: ``torch.compile`` the towers (``Segmenter(compile=True)``; ignored for a factory).
 
     Returns:
         the dataset's result section: ``mIoU``, ``aAcc``, ``mAcc``, ``pAcc``, per-class ``IoU`` / ``Acc``
@@ -184,6 +194,10 @@ def evaluate(
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of images, got {batch_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be a number of worker processes >= 0, got {workers!r}")
     dist = dist_info()
     info = get_dataset_info(dataset)
     ds = SegmentationDataset(info.name, root)
@@ -198,7 +212,8 @@ def evaluate(
         raise ValueError(f"{info.name}: the image list names an image twice; names must be unique to resume")
     n = len(ds) if limit is None else min(limit, len(ds))
 
-    segmenter = build_segmenter(models, info.name, preset, baseline, components, overrides, device, text_cache)
+    segmenter = build_segmenter(models, info.name, preset, baseline, components, overrides, device, text_cache,
+                                compile=compile)
     try:
         if vocab is None:
             # The preset says whose class files to use (ProxyCLIP ships its own VOC / COCO-Object files).
@@ -236,11 +251,11 @@ def evaluate(
         mine = shard(todo, dist)
         new_acc = IoUAccumulator(info.num_classes)
         new_names: list[str] = []
-        bar = tqdm(mine, desc=f"{info.display_name}", unit="img", disable=not (progress and dist.is_main),
+        bar = tqdm(total=len(mine), desc=f"{info.display_name}", unit="img", disable=not (progress and dist.is_main),
                    dynamic_ncols=True)
-        for i in bar:
-            item = ds[i]
-            pred = segmenter.segment(item["image_path"], vocab).labels
+        for item, result in _segment_items(segmenter, ds, mine, vocab, batch_size, workers):
+            bar.update(1)
+            pred = result.labels
             label = item["label"]
             if tuple(pred.shape) != tuple(label.shape):
                 raise ValueError(
@@ -274,6 +289,36 @@ def evaluate(
         segmenter.close()
 
 
+def _segment_items(segmenter: Segmenter, ds: SegmentationDataset, indices: Sequence[int], vocab: Vocabulary,
+                   batch_size: int, workers: int) -> Iterator[tuple[dict[str, Any], Any]]:
+    """``(item, result)`` per index, in order: images decoded by ``DataLoader`` workers, segmented in batches.
+
+    Only the labels are scored, so the results hold no full-size maps (``maps=False``: identical labels).
+    """
+    if batch_size == 1 and workers == 0:  # one image at a time in this process: nothing to overlap
+        for i in indices:
+            item = ds[i]
+            yield item, segmenter.segment(item["image_path"], vocab)
+        return
+    cfg = segmenter.config.pipeline
+    # splice mode (and per-image third-party plugins) read each image from its path in segment()
+    short_side = cfg.short_side if segmenter.batches_images else None
+    loader = torch.utils.data.DataLoader(
+        PreparedImages(ds, indices, short_side, cfg.max_long_side), batch_size=None, shuffle=False,
+        num_workers=workers, pin_memory=segmenter.device.type == "cuda",
+        prefetch_factor=max(2, batch_size // max(workers, 1) + 1) if workers > 0 else None,
+    )
+    pending: deque[dict[str, Any]] = deque()
+
+    def images() -> Iterator[Any]:
+        for item in loader:
+            pending.append(item)
+            yield item["image"]
+
+    for result in segmenter.segment_many(images(), vocab, batch_size=batch_size, maps=False):
+        yield pending.popleft(), result
+
+
 def _ordered(names: set[str], index: Mapping[str, int]) -> list[str]:
     # Dataset order, so the stored list does not depend on how the work was sharded.
     return sorted(names, key=lambda n: index[n])
@@ -282,6 +327,7 @@ def _ordered(names: set[str], index: Mapping[str, int]) -> list[str]:
 def build_segmenter(
     models: Any, dataset: str, preset: str, baseline: str | None, components: Sequence[str] | None,
     overrides: Mapping[str, Any] | None, device: str | torch.device | None, text_cache: bool = True,
+    *, compile: bool = False,
 ) -> Segmenter:
     """The segmenter of one dataset: the factory's, or one built on the models with the dataset's preset values.
 
@@ -302,7 +348,7 @@ def build_segmenter(
         warnings.warn(f"preset {preset!r} has no {dataset!r} values; using the preset's defaults", stacklevel=3)
     return Segmenter(
         clip, vfm, preset=preset, dataset=ds_values, baseline=baseline, components=components, tokenizer=tokenizer,
-        device=device, text_cache=text_cache, **overrides,
+        device=device, text_cache=text_cache, compile=compile, **overrides,
     )
 
 

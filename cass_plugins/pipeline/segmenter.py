@@ -339,8 +339,11 @@ class Segmenter:
 
     def _segment_stream(self, images: Iterator[Any], vocab: Vocabulary, batch_size: int,
                         maps: bool) -> Iterator[SegmentationResult]:
-        if not self._images_batchable():
+        if not self.batches_images:
             for image in images:
+                if isinstance(image, PreparedImage) and self.config.pipeline.mode not in ("slide", "whole"):
+                    raise TypeError(f"pipeline.mode={self.config.pipeline.mode!r} reads each image from its source "
+                                    "(e.g. for SAM): pass the images themselves, not PreparedImage")
                 yield self.segment(image, vocab, maps=maps)
             return
         text = self.text_embeddings(vocab)
@@ -352,8 +355,10 @@ class Segmenter:
             prepared = [self.prepare(im) for im in chunk]
             yield from self._segment_prepared(prepared, vocab, text, maps, forward_batch)
 
-    def _images_batchable(self) -> bool:
-        """Whether windows of several images may share a forward (see :meth:`segment_many`)."""
+    @property
+    def batches_images(self) -> bool:
+        """Whether :meth:`segment_many` puts windows of several images into one forward (else it runs
+        :meth:`segment` per image: splice mode, third-party per-image block plugins)."""
         if self.config.pipeline.mode not in ("slide", "whole"):
             return False  # splice: Trident's own per-image pipeline
         hooks = self.handle.pm.hook
