@@ -12,7 +12,13 @@ Rows:
   full timm forward) — what CASS's overhead is measured against;
 * ``CLIP (unpatched)``: a complete segmentation (resize, windows, cosine logits, label map) with the unmodified model;
 * one row per baseline in ``cass_plugins.core.registry.REGISTRY`` (components off);
-* ``CASS``: the ``cass-official`` preset (spectral distillation + OPS + OTA).
+* ``CASS``: the ``cass-official`` preset (spectral distillation + OPS + OTA);
+* multi-image rows (``--batch-sizes``, issue 13): every method above through ``Segmenter.segment_many`` with the
+  windows of ``batch`` images per forward, and the CLIP / VFM forwards on the same windows batched the same way; the
+  "× (CLIP + VFM)" column divides each row by the two forwards of its own batch size;
+* ``CASS e2e``: ``segment_many`` fed by a ``DataLoader`` (``--workers``) decoding JPEG files, pinned memory: what
+  ``cass-eval`` runs, decode included;
+* ``CASS compiled`` (``--compile``): ``Segmenter(compile=True)``, after an untimed compiling pass.
 
 The text classifier is computed once per model outside the timed loop (it is per vocabulary, not per image).
 
@@ -20,6 +26,7 @@ Usage::
 
     python benchmarks/suite.py                          # CPU (+ CUDA fp32/fp16/bf16 when available), to stdout
     python benchmarks/suite.py --device cuda --dtypes fp16,bf16 --images 50 --out docs/benchmarks.md --append
+    python benchmarks/suite.py --device cuda --dtypes fp16 --batch-sizes 1,8,32 --workers 4 --compile
 
 The Markdown section is printed; a file is written only where ``--out`` says (never a tracked file by default).
 """
@@ -123,6 +130,7 @@ class Row:
     peak_mib: float | None = None
     delta_mib: float | None = None
     error: str | None = None
+    batch: int = 1  # images per segment_many batch (1: segment() one image at a time)
 
 
 class UnpatchedCLIP:
@@ -185,10 +193,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _measure(name: str, device: str, dtype: str, step: Callable[[np.ndarray], Any], images: list[np.ndarray],
-             warmup: int) -> Row:
-    """Run ``step`` on ``warmup`` images, then time it on ``images`` while tracking peak memory."""
-    row = Row(name, device, dtype)
+def _measure(name: str, device: str, dtype: str, step: Callable[[Any], Any], images: list[Any],
+             warmup: int, batch: int = 1) -> Row:
+    """Run ``step`` on ``warmup`` items, then time it on the rest while tracking peak memory.
+
+    With ``batch > 1`` the items are lists of ``batch`` images and the time is per image.
+    """
+    row = Row(name, device, dtype, batch=batch)
     try:
         with torch.no_grad():
             for img in images[:warmup]:
@@ -215,21 +226,58 @@ def _measure(name: str, device: str, dtype: str, step: Callable[[np.ndarray], An
                 if base is not None:
                     row.peak_mib = sampler.peak / 2**20
                     row.delta_mib = (sampler.peak - base) / 2**20
-        row.seconds_per_image = elapsed / max(len(images) - warmup, 1)
+        row.seconds_per_image = elapsed / max(len(images) - warmup, 1) / batch
     except Exception as err:  # one failing method must not lose the other rows
         row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
-    print(f"  {name:<20} {_fmt_rate(row):>8} img/s  peak {_fmt_num(row.peak_mib)} MiB"
+    print(f"  {name:<20} ×{batch:<3} {_fmt_rate(row):>8} img/s  peak {_fmt_num(row.peak_mib)} MiB"
           + (f"  ({row.error})" if row.error else ""), flush=True)
     return row
 
 
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i:i + size] for i in range(0, len(items) - size + 1, size)]
+
+
+def _batched_crops(images: list[np.ndarray], device: torch.device, batch: int) -> list[torch.Tensor]:
+    """The windows of ``images``, in forwards of ``window_batch × batch`` windows (as segment_many groups them)."""
+    cfg = resolve_config("cass-official", **PROTOCOL)
+    crops = []
+    for image in images:
+        x = clip_normalize(resize_short_side(load_image(image).float(), cfg.short_side, cfg.max_long_side))[None]
+        h, w = x.shape[-2:]
+        crops += [x[:, :, y1:y2, x1:x2] for (y1, y2, x1, x2) in window_grid(h, w, cfg.crop, cfg.stride)]
+    per = cfg.window_batch * batch
+    return [torch.cat(crops[i:i + per]).to(device, non_blocking=True) for i in range(0, len(crops), per)]
+
+
+class _JPEGs(torch.utils.data.Dataset):
+    """JPEG files decoded, resized and normalised in DataLoader workers (as cass-eval's PreparedImages)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.cfg = resolve_config("cass-official", **PROTOCOL).pipeline
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        from cass_plugins.pipeline.segmenter import prepare_image
+
+        return prepare_image(self.paths[i], self.cfg.short_side, self.cfg.max_long_side)
+
+
 def run_device(device: str, dtype: str, n_images: int, warmup: int, size: tuple[int, int], vocab: Vocabulary,
-               templates: tuple[str, ...], methods: set[str] | None) -> list[Row]:
+               templates: tuple[str, ...], methods: set[str] | None, batch_sizes: tuple[int, ...] = (),
+               workers: int = 0, compile_row: bool = False) -> list[Row]:
     """All rows for one device and dtype."""
     print(f"== {device} {dtype}", flush=True)
     clip, tokenizer, vfm = _load_models(device, dtype)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8) for _ in range(warmup + n_images)]
+    multi = [b for b in batch_sizes if b > 1]
+    # batched rows: one untimed batch, then at least two timed batches (or n_images) of synthetic images
+    pool = [rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
+            for _ in range(max([warmup + n_images] + [3 * b for b in multi]))]
     text_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
     def text_fn(v: Vocabulary) -> torch.Tensor:
@@ -251,6 +299,16 @@ def run_device(device: str, dtype: str, n_images: int, warmup: int, size: tuple[
     if wanted("vfm-forward"):
         rows.append(_measure("VFM forward", device, dtype,
                              lambda img: [vfm(c.to(vfm_dtype)) for c in _window_crops(img, dev)], images, warmup))
+    for b in multi:
+        batches = _chunks(pool[: max(3 * b, (warmup + n_images) // b * b)], b)
+        if wanted("clip-forward"):
+            rows.append(_measure("CLIP forward", device, dtype,
+                                 lambda imgs: [encode_dense(clip, c) for c in _batched_crops(imgs, dev, b)],
+                                 batches, 1, batch=b))
+        if wanted("vfm-forward"):
+            rows.append(_measure("VFM forward", device, dtype,
+                                 lambda imgs: [vfm(c.to(vfm_dtype)) for c in _batched_crops(imgs, dev, b)],
+                                 batches, 1, batch=b))
     if wanted("clip"):
         unpatched = UnpatchedCLIP(clip, text_fn)
         rows.append(_measure("CLIP (unpatched)", device, dtype, lambda img: unpatched.segment(img, vocab), images,
@@ -266,6 +324,10 @@ def run_device(device: str, dtype: str, n_images: int, warmup: int, size: tuple[
         seg.text_embeddings = text_fn  # type: ignore[method-assign]  (the per-vocabulary cost, outside the loop)
         try:
             rows.append(_measure(label, device, dtype, lambda img: seg.segment(img), images, warmup))
+            for b in multi:
+                batches = _chunks(pool[: max(3 * b, (warmup + n_images) // b * b)], b)
+                rows.append(_measure(label, device, dtype, lambda imgs: list(seg.segment_many(imgs, batch_size=b)),
+                                     batches, 1, batch=b))
         finally:
             seg.close()
 
@@ -274,8 +336,58 @@ def run_device(device: str, dtype: str, n_images: int, warmup: int, size: tuple[
             segmenter_row(name, preset="cass-official", baseline=name, components=[], **PROTOCOL)
     if wanted("cass"):
         segmenter_row("CASS", preset="cass-official", **PROTOCOL)
+    if wanted("cass-e2e") and multi:
+        rows += _end_to_end_rows(clip, vfm, tokenizer, vocab, text_fn, pool, device, dtype, max(multi), workers)
+    if compile_row and multi:
+        b = max(multi)
+        try:
+            seg = Segmenter(clip, vfm, vocabulary=vocab, tokenizer=tokenizer, compile=True, preset="cass-official",
+                            **PROTOCOL)
+            seg.text_embeddings = text_fn  # type: ignore[method-assign]
+            batches = _chunks(pool[: max(3 * b, (warmup + n_images) // b * b)], b)
+            t0 = time.perf_counter()
+            list(seg.segment_many(batches[0], batch_size=b))  # compiles
+            print(f"  compiling took {time.perf_counter() - t0:.1f} s", flush=True)
+            rows.append(_measure("CASS compiled", device, dtype,
+                                 lambda imgs: list(seg.segment_many(imgs, batch_size=b)), batches, 1, batch=b))
+            seg.close()
+        except Exception as err:
+            rows.append(Row("CASS compiled", device, dtype, batch=b,
+                            error=f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"))
     del clip, vfm
     _release_memory()
+    return rows
+
+
+def _end_to_end_rows(clip: Any, vfm: Any, tokenizer: Any, vocab: Vocabulary, text_fn: Callable, pool: list,
+                     device: str, dtype: str, batch: int, workers: int) -> list[Row]:
+    """CASS on JPEG files: DataLoader workers decode and resize, segment_many on the device (cass-eval's path)."""
+    import tempfile
+
+    from PIL import Image
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, img in enumerate(pool):
+            paths.append(Path(tmp) / f"{i:04d}.jpg")
+            Image.fromarray(img).save(paths[-1], quality=90)
+        seg = Segmenter(clip, vfm, vocabulary=vocab, tokenizer=tokenizer, preset="cass-official", **PROTOCOL)
+        seg.text_embeddings = text_fn  # type: ignore[method-assign]
+
+        def run(chunk: list[Path]) -> None:
+            loader = torch.utils.data.DataLoader(_JPEGs(chunk), batch_size=None, num_workers=workers,
+                                                 pin_memory=device.startswith("cuda"))
+            for _ in seg.segment_many(iter(loader), batch_size=batch, maps=False):
+                pass
+
+        n = len(paths) - batch  # the first batch warms up; the rest is one stream (workers overlap the GPU)
+        try:
+            rows.append(_measure(f"CASS e2e ({workers} workers)", device, dtype, run, [paths[:batch], paths[batch:]],
+                                 1, batch=n))
+            rows[-1].batch = batch  # the timing was per image of the stream; the forwards held `batch` images
+        finally:
+            seg.close()
     return rows
 
 
@@ -346,31 +458,42 @@ def report(rows: list[Row], args: argparse.Namespace, devices: list[str], vocab:
         f"({templates} template{'s' if templates != 1 else ''}) computed once, outside the timing",
         f"- Timing: {args.warmup} warm-up image(s), then the mean over "
         + ", ".join(f"{args.cpu_images if d == 'cpu' else args.cuda_images} timed images on {d}" for d in devices)
-        + ", one image at a time",
+        + ", one image at a time (batch 1: `segment`); batch b > 1: `segment_many` with the windows of b images "
+        "per forward (window batch 8·b), timed over at least two batches after an untimed one",
         "- Memory: on CUDA `torch.cuda.max_memory_allocated()` during the timed images (tensors only, no CUDA "
         "context / allocator cache); Δ = peak − allocated before (≈ activations). On CPU the process RSS "
         "(resident set, sampled every 2 ms), Δ = peak − RSS before; RSS includes the weights and allocator slack, "
         "so Δ is the comparable number",
         "",
-        "| method | device | dtype | images/s | ms/image | × CLIP forward | peak mem (MiB) | Δ mem (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| method | device | dtype | batch | images/s | ms/image | × CLIP forward | × (CLIP + VFM forwards) "
+        "| peak mem (MiB) | Δ mem (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
         groups.setdefault((r.device, r.dtype), []).append(r)
     overheads = []
     for (device, dtype), group in groups.items():
-        by_name = {r.method: r for r in group}
-        fwd = by_name.get("CLIP forward")
+        by_name = {(r.method, r.batch): r for r in group}
         for r in group:
             if r.error:
-                out.append(f"| {r.method} | {device} | {dtype} | failed: {r.error.replace('|', '/')} | | | | |")
+                out.append(f"| {r.method} | {device} | {dtype} | {r.batch} | failed: {r.error.replace('|', '/')} "
+                           "| | | | | |")
                 continue
+            # forwards of the same batch size (the e2e stream is compared with the largest batched forwards)
+            fb = r.batch if ("CLIP forward", r.batch) in by_name else max(
+                [b for (m, b) in by_name if m == "CLIP forward"], default=1)
+            fwd, vfm_fwd = by_name.get(("CLIP forward", fb)), by_name.get(("VFM forward", fb))
             ratio = (f"{r.seconds_per_image / fwd.seconds_per_image:.2f}"
                      if fwd is not None and fwd.seconds_per_image else "–")
-            out.append(f"| {r.method} | {device} | {dtype} | {_fmt_rate(r)} | {1000 * r.seconds_per_image:,.1f} | "
-                       f"{ratio} | {_fmt_num(r.peak_mib)} | {_fmt_num(r.delta_mib)} |")
-        cass, vfm = by_name.get("CASS"), by_name.get("VFM forward")
+            both = (f"{r.seconds_per_image / (fwd.seconds_per_image + vfm_fwd.seconds_per_image):.2f}"
+                    if fwd is not None and vfm_fwd is not None and fwd.seconds_per_image and vfm_fwd.seconds_per_image
+                    else "–")
+            out.append(f"| {r.method} | {device} | {dtype} | {r.batch} | {_fmt_rate(r)} | "
+                       f"{1000 * r.seconds_per_image:,.1f} | {ratio} | {both} | {_fmt_num(r.peak_mib)} | "
+                       f"{_fmt_num(r.delta_mib)} |")
+        fwd = by_name.get(("CLIP forward", 1))
+        cass, vfm = by_name.get(("CASS", 1)), by_name.get(("VFM forward", 1))
         if all(x is not None and x.seconds_per_image for x in (cass, fwd, vfm)):
             two = fwd.seconds_per_image + vfm.seconds_per_image
             overheads.append(f"- {device} {dtype}: CASS {1000 * cass.seconds_per_image:,.1f} ms/image vs CLIP + VFM "
@@ -400,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="also write the Markdown to this file (default: print only), e.g. docs/benchmarks.md")
     p.add_argument("--append", action="store_true", help="with --out: append a section instead of overwriting")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma list of segment_many batch sizes for the multi-image rows (default: 1,8,32 on CUDA, "
+                        "1 on CPU-only runs; 1 is segment() one image at a time)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the CASS e2e row (default 4)")
+    p.add_argument("--compile", action="store_true", help="add a CASS row with Segmenter(compile=True)")
     args = p.parse_args(argv)
     if args.append and args.out is None:
         p.error("--append needs --out (the file to append to)")
@@ -415,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     templates = tuple(IMAGENET_TEMPLATES[: args.templates])
     vocab = Vocabulary.builtin(args.vocabulary)
     methods = {m.strip().lower() for m in args.methods.split(",")} if args.methods else None
+    cuda_run = any(d.startswith("cuda") for d in devices)
+    batch_sizes = tuple(int(b) for b in (args.batch_sizes or ("1,8,32" if cuda_run else "1")).split(","))
 
     cfg = resolve_config("cass-official", **PROTOCOL)
     from cass_plugins.pipeline.image import rescaled_size
@@ -428,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = [d.strip() for d in args.dtypes.split(",")] if args.dtypes else default
         n = args.cpu_images if device == "cpu" else args.cuda_images
         for dtype in dtypes:
-            rows += run_device(device, dtype, n, args.warmup, args.size, vocab, templates, methods)
+            rows += run_device(device, dtype, n, args.warmup, args.size, vocab, templates, methods, batch_sizes,
+                               args.workers, args.compile)
 
     section = report(rows, args, devices, vocab, n_windows, resized, len(templates))
     print("\n" + section)
