@@ -327,3 +327,37 @@ def test_set_value_errors_do_not_blame_image_files(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "pipeline.stride=500 exceeds pipeline.crop=224" in err
     assert "image files" not in err
+
+
+def test_trident_offline_with_local_files_writes_the_usual_outputs(tiny_models, tmp_path, capsys):
+    """``--preset trident --sam-weights FILE``: a local SAM checkpoint, overlay/labels/JSON as for every preset."""
+    from tiny_sam import random_image, save_tiny_sam_checkpoint
+
+    sam_file = save_tiny_sam_checkpoint(tmp_path / "sam_tiny.pth")
+    photo = random_image(70, 100)
+    Image.fromarray(photo).save(tmp_path / "scene.png")
+    out = tmp_path / "out"
+    argv = ["--classes", "cat; dog; sky", "--preset", "trident", "--sam", "test", "--sam-weights", str(sam_file),
+            "--out", str(out), *tiny_models, str(tmp_path / "scene.png")]
+    assert cli.main(argv) == 0
+    summary = check_outputs(out, "scene", photo, 3)
+    assert summary["config"]["components"] == ["sam_aggregate", "sam_refine"]
+    assert summary["config"]["pipeline"]["mode"] == "splice"
+    assert summary["models"]["sam"] == "test" and summary["models"]["sam_weights"]["file"] == "sam_tiny.pth"
+
+
+@pytest.mark.parametrize("extra, message, code", [
+    (["--preset", "trident"], "sam_vit_b_01ec64.pth once and pass it: --sam-weights FILE", 1),  # offline: runtime
+    (["--sam-weights", "random"], "no component uses SAM", 2),
+    (["--preset", "trident", "--sam-weights", "missing.pth"], "missing.pth", 2),
+    (["--components", "ops,sam_aggregate"], "only mode='splice' builds", 2),
+])
+def test_sam_usage_errors_before_the_clip_loads(tiny_models, tmp_path, capsys, monkeypatch, extra, message, code):
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "im.png")
+    monkeypatch.setattr(cli_common, "load_clip", lambda *a, **k: 1 / 0)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--classes", "cat; dog", "--out", str(tmp_path / "o"), *extra, *tiny_models,
+                  str(tmp_path / "im.png")])
+    assert info.value.code == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -41,8 +41,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    f"(spectral distillation) (default: the preset's, e.g. DINO B/16 for trident, else {DEFAULT_VFM})")
     g.add_argument("--vfm-weights", default="pretrained",
                    help="'pretrained' (download via timm), a local checkpoint file, or 'random' (default: %(default)s)")
-    g.add_argument("--sam", default=None, choices=("vit_b", "vit_l", "vit_h"),
-                   help="SAM size for sam_aggregate / sam_refine (Trident) (default: the preset's, vit_b)")
+    g.add_argument("--sam", default=None, choices=("vit_b", "vit_l", "vit_h", "test"),
+                   help="SAM size for sam_aggregate / sam_refine (Trident) (default: the preset's, vit_b; 'test': a "
+                   "tiny architecture for tests)")
     g.add_argument("--sam-weights", default=None, metavar="FILE",
                    help="local SAM checkpoint (Meta's sam_vit_b_01ec64.pth ...) or 'random'; needed by the SAM "
                    "components (SAM has no download here)")

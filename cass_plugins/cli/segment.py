@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from cass_plugins.backbone.loading import WeightsUnavailableError
-from cass_plugins.cli.common import CliParser, add_config_arguments, add_model_arguments, config_from_args, models_from_args
+from cass_plugins.cli.common import (
+    CliParser, add_config_arguments, add_model_arguments, config_from_args, models_from_args, sam_from_args, vfm_name,
+)
 from cass_plugins.core.settings import SettingError
 from cass_plugins.pipeline.export import EXPORT_FORMATS, check_formats
 from cass_plugins.video.io import VIDEO_INSTALL_HINT, VIDEO_SUFFIXES, is_video_path
@@ -235,20 +237,23 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise _CliError("--device cuda was requested but no CUDA device is available; use --device cpu")
     try:
+        sam = sam_from_args(args, config)  # SAM file problems surface before the CLIP loads
         clip, tokenizer, vfm = models_from_args(args)
     except WeightsUnavailableError as err:
         raise _CliError(str(err), code=1) from err
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as err:
         raise _CliError(str(err)) from err
     try:
         segmenter = Segmenter(
             clip, vfm, vocabulary=vocabulary, preset=config, tokenizer=tokenizer, text_cache=not args.no_cache,
+            sam=sam,
         )
     except (ValueError, TypeError) as err:  # configuration values the Segmenter rejects
         raise _CliError(str(err)) from err
     provenance = {
         "models": {"clip": args.clip, "pretrained": _weights_record(args.pretrained),
-                   "vfm": args.vfm, "vfm_weights": _weights_record(args.vfm_weights)},
+                   "vfm": vfm_name(args), "vfm_weights": _weights_record(args.vfm_weights),
+                   **({"sam": sam.kind, "sam_weights": _weights_record(args.sam_weights)} if sam is not None else {})},
         "versions": {"cass_plugins": __version__, "torch": torch.__version__},
         "device": str(args.device),
         "precision": args.precision,
