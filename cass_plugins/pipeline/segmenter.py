@@ -144,6 +144,9 @@ class Segmenter:
         )
         self.config: Config = self.handle.config
         try:
+            from cass_plugins.trident.pipeline import check_sam  # the SAM stages live with Trident
+
+            check_sam(self.config, sam)
             self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(None)
         except BaseException:
             self.handle.remove()  # leave the model as we found it
@@ -233,6 +236,10 @@ class Segmenter:
         """
         vocab = self._vocabulary_for_call(vocabulary)
         cfg = self.config.pipeline
+        if cfg.mode == "splice":  # Trident's splice-then-segment (docs/spec/trident.md)
+            from cass_plugins.trident.pipeline import segment_spliced
+
+            return segment_spliced(self, image, vocab, maps=maps)
         handle = self.handle
         x, original = self.preprocess(image)
         text = self.text_embeddings(vocab)
