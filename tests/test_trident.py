@@ -371,3 +371,29 @@ def test_trident_end_to_end_with_a_tiny_random_sam(preset):
     assert ("sam_refine" in first.record) == refine
     if refine:
         assert first.record["sam_refine"]["regions"]  # prompts were built from the coarse map
+
+
+def test_sam_refine_composes_with_a_slide_mode_baseline_as_the_manual_pipeline():
+    """CASS (slide windows) + sam_refine equals CASS's own labels refined by hand with the same SAM (§8)."""
+    from tiny_sam import make_tiny_sam, random_image
+
+    from cass_plugins.trident.refine import SamRefineConfig, refine_labels
+
+    clip, vfm, sam = make_tiny_clip(), make_tiny_vfm(), make_tiny_sam()
+    with torch.no_grad():  # random IoU heads predict ≈ −0.2; lift them so masks are accepted
+        sam.model.mask_decoder.iou_prediction_head.layers[-1].bias += 1.1
+    image = torch.from_numpy(random_image(70, 100)).permute(2, 0, 1).contiguous()
+    settings = {"crop": 64, "stride": 32, "short_side": 64}
+    refine = {"sam_refine.min_area": 4, "sam_refine.coarse_thresh": 0.0}
+    with Segmenter(clip, vfm, preset="cass-official", vocabulary=VOCAB, **settings) as seg:
+        coarse = seg.segment(image)
+    with Segmenter(clip, vfm, preset="cass-official", vocabulary=VOCAB, sam=sam, **settings, **refine,
+                   components=["spectral", "ops", "ota", "sam_refine"]) as seg:
+        refined = seg.segment(image)
+    predictor = sam.encode(image, round_to=16, keep_for_refine=True).predictor
+    expected, info = refine_labels(coarse.probs, coarse.labels, predictor,
+                                   SamRefineConfig(min_area=4, coarse_thresh=0.0))
+    assert info["accepted"] > 0 and not torch.equal(expected, coarse.labels)  # the refinement did something
+    assert torch.equal(refined.labels, expected)
+    assert refined.record["sam_refine"]["accepted"] == info["accepted"]
+    torch.testing.assert_close(refined.probs, coarse.probs)  # probabilities are the coarse ones

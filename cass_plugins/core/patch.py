@@ -151,6 +151,11 @@ class PatchHandle:
         """Whether a switched-on component reads the presence prior (OPS, OTA)."""
         return any(REGISTRY.component(name).needs_prior for name in self.config.components)
 
+    @property
+    def refines_labels(self) -> bool:
+        """Whether a plugin refines the decided labels (``cass_refine_labels``, e.g. SAM refinement)."""
+        return bool(self.pm.hook.cass_refine_labels.get_hookimpls())
+
     def reset_windows(self) -> None:
         """Start counting windows from 0 again (:meth:`begin_image` does it; per-window ``spectral.matching``
         lists and callables see the image's own window numbers)."""

@@ -241,6 +241,12 @@ class Segmenter:
 
             return segment_spliced(self, image, vocab, maps=maps)
         handle = self.handle
+        rgb = None
+        if handle.refines_labels:  # SAM refinement reads the original image (docs/spec/trident.md §8)
+            if isinstance(image, PreparedImage):
+                raise TypeError("sam_refine reads the original image: pass the image itself, not a PreparedImage")
+            rgb = load_image(image)
+            image = rgb
         x, original = self.preprocess(image)
         text = self.text_embeddings(vocab)
         whole = cfg.mode == "whole"
@@ -262,15 +268,19 @@ class Segmenter:
 
         ictx = handle.end_image()  # e.g. CDAM's per-image entropy threshold
         record = {**handle.image_record, **ictx.record}
-        return self._finish(logits, x, original, vocab, ictx.prob_thd, record, maps)
+        return self._finish(logits, x, original, vocab, ictx.prob_thd, record, maps, image=rgb)
 
     def _finish(self, logits: Tensor, x: Tensor, original: tuple[int, int], vocab: Vocabulary,
-                prob_thd: float | None, record: dict[str, Any], maps: bool) -> SegmentationResult:
-        """Post-processing of one image's ``(Q, h, w)`` logits at the resized size (protocol.md §8)."""
+                prob_thd: float | None, record: dict[str, Any], maps: bool, *, image: Tensor | None = None,
+                sam: Any = None) -> SegmentationResult:
+        """Post-processing of one image's ``(Q, h, w)`` logits (protocol.md §8), then the label refiners
+        (``cass_refine_labels``: SAM refinement) on ``image``, the ``(3, H0, W0)`` uint8 original, with ``sam``
+        the image's SAM view when the caller already made one (one encoder pass per image)."""
         cfg = self.config.pipeline
         q2c = vocab.query_to_class_tensor(logits.device)
         decision = dict(logit_scale=cfg.logit_scale, prob_thd=prob_thd, area_thd=cfg.area_thd)
-        if not maps and cfg.pamr_steps == 0:
+        refine = self.handle.refines_labels
+        if not maps and cfg.pamr_steps == 0 and not refine:
             labels = labels_at_size(logits, original, q2c, **decision)
             return SegmentationResult(labels.cpu(), None, logits.cpu(), vocab, record)
         # the same bands of rows as labels_at_size: the same bits, so both give the same labels
@@ -279,6 +289,13 @@ class Segmenter:
             guide = F.interpolate(x.float(), size=original, mode="bilinear", align_corners=False)
             full = apply_pamr(guide, full[None], cfg.pamr_steps, cfg.pamr_dilations)[0]
         labels, probs = logits_to_labels(full, q2c, **decision)
+        if refine:
+            from cass_plugins.trident.pipeline import refine_decided_labels, sam_for_image
+
+            if image is None:
+                raise TypeError("sam_refine reads the original image: pass the image itself, not a PreparedImage")
+            sam = sam if sam is not None else sam_for_image(self, image)
+            labels = refine_decided_labels(self.handle, labels, probs, image, sam, record)
         if not maps:
             return SegmentationResult(labels.cpu(), None, logits.cpu(), vocab, record)
         return SegmentationResult(labels.cpu(), probs.cpu(), full.cpu(), vocab, record)
@@ -348,9 +365,10 @@ class Segmenter:
                         maps: bool) -> Iterator[SegmentationResult]:
         if not self.batches_images:
             for image in images:
-                if isinstance(image, PreparedImage) and self.config.pipeline.mode not in ("slide", "whole"):
-                    raise TypeError(f"pipeline.mode={self.config.pipeline.mode!r} reads each image from its source "
-                                    "(e.g. for SAM): pass the images themselves, not PreparedImage")
+                if isinstance(image, PreparedImage) and (self.config.pipeline.mode not in ("slide", "whole")
+                                                         or self.handle.refines_labels):
+                    raise TypeError(f"pipeline.mode={self.config.pipeline.mode!r} or sam_refine read each image from "
+                                    "its source (for SAM): pass the images themselves, not PreparedImage")
                 yield self.segment(image, vocab, maps=maps)
             return
         text = self.text_embeddings(vocab)
@@ -366,8 +384,8 @@ class Segmenter:
     def batches_images(self) -> bool:
         """Whether :meth:`segment_many` puts windows of several images into one forward (else it runs
         :meth:`segment` per image: splice mode, third-party per-image block plugins)."""
-        if self.config.pipeline.mode not in ("slide", "whole"):
-            return False  # splice: Trident's own per-image pipeline
+        if self.config.pipeline.mode not in ("slide", "whole") or self.handle.refines_labels:
+            return False  # splice: Trident's own per-image pipeline; SAM refinement: per image, on the original
         hooks = self.handle.pm.hook
         per_image = {id(impl.plugin) for name in ("cass_begin_image", "cass_end_image")
                      for impl in getattr(hooks, name).get_hookimpls()}

@@ -15,14 +15,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cass_plugins.core.hookspecs import LabelContext, SplicedContext
 from cass_plugins.core.patch import PatchHandle, encode_tokens
 from cass_plugins.pipeline.image import ImageSource, clip_normalize, load_image, resize_short_side
-from cass_plugins.pipeline.pamr import apply_pamr
-from cass_plugins.pipeline.postprocess import labels_at_size, logits_to_labels, upsample_banded
 from cass_plugins.pipeline.result import SegmentationResult
 from cass_plugins.pipeline.vocabulary import Vocabulary
 from cass_plugins.pipeline.windows import window_grid
@@ -86,11 +83,6 @@ def sam_for_image(segmenter: Segmenter, image: Tensor) -> SamImage | None:
     )
 
 
-def has_label_refiners(handle: PatchHandle) -> bool:
-    """Whether a plugin of the patch refines decided labels (``cass_refine_labels``)."""
-    return bool(handle.pm.hook.cass_refine_labels.get_hookimpls())
-
-
 def refine_decided_labels(
     handle: PatchHandle, labels: Tensor, probs: Tensor, image: Tensor, sam: SamImage | None, record: dict[str, Any]
 ) -> Tensor:
@@ -148,21 +140,6 @@ def segment_spliced(
                                 record_windows=False)[0]
     ictx = handle.end_image()
     record = {**handle.image_record, **ictx.record, **sctx.record, "splice_grid": (gh, gw)}
-
-    q2c = vocabulary.query_to_class_tensor(logits.device)
-    decision = {"logit_scale": cfg.logit_scale, "prob_thd": ictx.prob_thd, "area_thd": cfg.area_thd}
-    refine = has_label_refiners(handle)
-    if not maps and cfg.pamr_steps == 0 and not refine:
-        labels = labels_at_size(logits, original, q2c, **decision)
-        return SegmentationResult(labels.cpu(), None, logits.cpu(), vocabulary, record)
-    # §6 step 5: one bilinear resize from the aggregated grid straight to the original size
-    full = upsample_banded(logits, original)
-    if cfg.pamr_steps > 0:
-        guide = F.interpolate(x.float(), size=original, mode="bilinear", align_corners=False)
-        full = apply_pamr(guide, full[None], cfg.pamr_steps, cfg.pamr_dilations)[0]
-    labels, probs = logits_to_labels(full, q2c, **decision)
-    if refine:
-        labels = refine_decided_labels(handle, labels, probs, rgb, sam, record)
-    if not maps:
-        return SegmentationResult(labels.cpu(), None, logits.cpu(), vocabulary, record)
-    return SegmentationResult(labels.cpu(), probs.cpu(), full.cpu(), vocabulary, record)
+    # §6 step 5 and §7: one bilinear resize from the aggregated grid straight to the original size, then the same
+    # decision and label refiners (§8) as every mode, with the SAM pass the aggregation already made
+    return segmenter._finish(logits, x, original, vocabulary, ictx.prob_thd, record, maps, image=rgb, sam=sam)
