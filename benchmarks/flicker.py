@@ -16,7 +16,7 @@ pair). Random weights make the labels meaningless but the flicker measurable.
 
 Usage::
 
-    python benchmarks/flicker.py --models base --frames 8 --size 224 --short-side 224 --batch-size 1
+    python benchmarks/flicker.py --models base --frames 8 --size 224 --short-side 224 --batch-size 1  # docs/video.md
     python benchmarks/flicker.py --models tiny                              # seconds
 """
 from __future__ import annotations
@@ -116,7 +116,7 @@ def measure(args: argparse.Namespace) -> str:
     windows = len(out[0].result.record["windows"])
     lines = [
         f"Random-weight `{args.models}` models, {args.frames} frames of {args.size}×{args.size} px (skimage astronaut, "
-        f"camera jitter ±{args.jitter} px, seed {args.seed}), {windows} window(s) per frame, {CLASSES.count(';') + 1} "
+        f"camera jitter ±{args.jitter} px, seed {args.seed}), short side {seg.config.pipeline.short_side}, {windows} window(s) per frame, {CLASSES.count(';') + 1} "
         f"classes; `TemporalConfig()` defaults (tie margin {TemporalConfig.tie_margin}, β = {TemporalConfig.smoothing}, "
         f"motion threshold {TemporalConfig.motion_threshold}); torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads.",
