@@ -361,6 +361,13 @@ class Segmenter:
             )
         return self._segment_stream(iter(images), vocab, batch_size, maps)
 
+    def segment_video(self, frames_or_path: Any, vocabulary: Any = None, **kwargs: Any) -> Iterator[Any]:
+        """Segment a video file or an iterable of frames with temporal consistency: see
+        :func:`cass_plugins.video.segment.segment_video` (same arguments after the Segmenter; docs/video.md)."""
+        from cass_plugins.video.segment import segment_video
+
+        return segment_video(self, frames_or_path, vocabulary, **kwargs)
+
     def _segment_stream(self, images: Iterator[Any], vocab: Vocabulary, batch_size: int,
                         maps: bool) -> Iterator[SegmentationResult]:
         if not self.batches_images:
