@@ -35,7 +35,6 @@ if str(REPO) not in sys.path:  # run as a script from a source checkout
 
 from cass_plugins.backbone.loading import load_clip, load_vfm  # noqa: E402
 from cass_plugins.core.patch import encode_dense  # noqa: E402
-from cass_plugins.core.vfm import VFMRunner  # noqa: E402
 from cass_plugins.pipeline.segmenter import Segmenter  # noqa: E402
 from cass_plugins.pipeline.text import encode_text  # noqa: E402
 from cass_plugins.pipeline.vocabulary import Vocabulary  # noqa: E402
