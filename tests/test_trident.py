@@ -397,3 +397,44 @@ def test_sam_refine_composes_with_a_slide_mode_baseline_as_the_manual_pipeline()
     assert torch.equal(refined.labels, expected)
     assert refined.record["sam_refine"]["accepted"] == info["accepted"]
     torch.testing.assert_close(refined.probs, coarse.probs)  # probabilities are the coarse ones
+
+
+def test_cass_eval_trident_runs_on_the_eight_dataset_layouts(tmp_path, monkeypatch, capsys):
+    """``cass-eval --preset trident`` with a local SAM checkpoint on every benchmark's folder layout (one image each,
+    each dataset's own preset values; the protocol's sizes shrunk so tiny models stay fast)."""
+    import json
+
+    import numpy as np
+    from test_datasets import _ade, _cityscapes, _coco, _grid, _voc2010, _voc2012
+    from tiny_sam import save_tiny_sam_checkpoint
+
+    from cass_plugins.cli import common as cli_common
+    from cass_plugins.cli.evaluate import main
+    from cass_plugins.evaluation.datasets import convert_coco_labels
+    from conftest import TINY_CLIP, _register_tiny_clip
+
+    _voc2012(tmp_path, _grid([0, 1, 15, 20, 255]))
+    _voc2010(tmp_path, _grid([0, 1, 30, 59]))
+    coco = _coco(tmp_path, _grid([0, 12, 89, 91, 181, 255]))
+    convert_coco_labels(coco, "object"), convert_coco_labels(coco, "stuff")
+    _cityscapes(tmp_path, _grid([0, 18, 255, 7]))
+    _ade(tmp_path, _grid([0, 1, 2, 150, 255]))
+    _register_tiny_clip()
+    monkeypatch.setattr(cli_common, "load_vfm", lambda *a, **k: make_tiny_vfm(patch_size=16))
+    sam_file = save_tiny_sam_checkpoint(tmp_path / "sam_tiny.pth")
+    datasets = ["voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff164k", "cityscapes", "ade20k"]
+    out = tmp_path / "trident.json"
+    argv = [arg for name in datasets for arg in ("--dataset", name)]
+    argv += ["--data-root", str(tmp_path), "--preset", "trident", "--clip", TINY_CLIP, "--pretrained", "random",
+             "--sam", "test", "--sam-weights", str(sam_file), "--device", "cpu", "--limit", "1", "--no-progress",
+             "--out", str(out), "--set", "short_side=64", "crop=64", "stride=32"]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["datasets"]
+    for name in datasets:
+        section = results[name]
+        assert np.isfinite(section["mIoU"]), name
+        config = section["config"]
+        assert config["pipeline"]["mode"] == "splice" and config["components"] == ["sam_aggregate", "sam_refine"]
+    assert results["cityscapes"]["config"]["sam_aggregate"]["split"] == "halves"
+    assert results["voc20"]["config"]["sam_aggregate"]["cos_fac"] == 0.0
+    assert results["ade20k"]["config"]["sam_aggregate"]["neg_fallback"] == 0.6

@@ -17,7 +17,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cass_plugins.cli.common import CliParser, add_model_arguments, models_from_args, parse_components, vfm_requested
+from cass_plugins.cli.common import (
+    CliParser, add_model_arguments, models_from_args, parse_components, sam_from_args, vfm_name, vfm_requested,
+)
 from cass_plugins.core.config import Config, parse_overrides, resolve_config
 from cass_plugins.core.registry import REGISTRY
 from cass_plugins.evaluation.datasets import SegmentationDataset, get_dataset_info
@@ -29,7 +31,7 @@ from cass_plugins.evaluation.tables import PAPER_ORDER, format_dataset_table, fo
 __all__ = ["build_parser", "main"]
 
 # The model flags stored under ``models.flags`` of a result (what identifies command-line models).
-_MODEL_FLAGS = ("clip", "pretrained", "vfm", "vfm_weights", "precision")
+_MODEL_FLAGS = ("clip", "pretrained", "vfm", "vfm_weights", "precision", "sam", "sam_weights")
 
 
 def build_parser(with_model_flags: bool = True) -> argparse.ArgumentParser:
@@ -150,13 +152,20 @@ def main(argv: Sequence[str] | None = None, *, models: Any = None) -> int:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be 0 or more, got {args.workers}")
+    if models is None:
+        args.vfm = vfm_name(args)  # the preset's published VFM unless --vfm says otherwise, recorded as used
     model_flags = {k: getattr(args, k) for k in _MODEL_FLAGS if hasattr(args, k)} if models is None else {}
+    # the SAM flags join the identity only when given, so results stored before they existed still resume
+    model_flags = {k: v for k, v in model_flags.items() if not (k.startswith("sam") and v is None)}
+    sam = None
     try:
         components, overrides, configs = _resolve(args, with_vfm=models is not None or vfm_requested(args))
         _check_data(list(configs), args.data_root)
         if args.out and not args.restart:
             _check_resume(args.out, configs, model_flags)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+        if models is None:
+            sam = sam_from_args(args, list(configs.values()))  # its file errors before the CLIP loads
+    except (KeyError, ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         parser.error(_one_line(e))
 
     dist, device = init_distributed(args.device, args.dist_backend)
@@ -177,7 +186,7 @@ def main(argv: Sequence[str] | None = None, *, models: Any = None) -> int:
                 baseline=args.baseline, components=components, overrides=overrides,
                 device=eval_device, model_info=model_flags, restart=args.restart, progress=not args.no_progress,
                 verbose=True, checkpoint_every=args.checkpoint_every, text_cache=not args.no_cache,
-                batch_size=batch_size, workers=workers, compile=getattr(args, "compile", False),
+                batch_size=batch_size, workers=workers, compile=getattr(args, "compile", False), sam=sam,
             )
         if dist.is_main:
             print()

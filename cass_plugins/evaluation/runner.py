@@ -151,6 +151,7 @@ def evaluate(
     batch_size: int = 1,
     workers: int = 0,
     compile: bool = False,
+    sam: Any = None,
 ) -> dict[str, Any]:
     """Evaluate one dataset (resumable; sharded and all-reduced when a process group is initialised).
 
@@ -180,6 +181,8 @@ def evaluate(
         workers: ``DataLoader`` worker processes that decode, resize and normalise the images while the models
             run (0: in this process). On CUDA the prepared images are pinned and copied without blocking.
         compile: ``torch.compile`` the towers (``Segmenter(compile=True)``; ignored for a factory).
+        sam: the SAM model of the SAM components (Trident, ``sam_refine``; :func:`~cass_plugins.load_sam`); ignored
+            for a factory.
 
     Returns:
         the dataset's result section: ``mIoU``, ``aAcc``, ``mAcc``, ``pAcc``, per-class ``IoU`` / ``Acc``
@@ -213,7 +216,7 @@ def evaluate(
     n = len(ds) if limit is None else min(limit, len(ds))
 
     segmenter = build_segmenter(models, info.name, preset, baseline, components, overrides, device, text_cache,
-                                compile=compile)
+                                compile=compile, sam=sam)
     try:
         if vocab is None:
             # The preset says whose class files to use (ProxyCLIP ships its own VOC / COCO-Object files).
@@ -327,7 +330,7 @@ def _ordered(names: set[str], index: Mapping[str, int]) -> list[str]:
 def build_segmenter(
     models: Any, dataset: str, preset: str, baseline: str | None, components: Sequence[str] | None,
     overrides: Mapping[str, Any] | None, device: str | torch.device | None, text_cache: bool = True,
-    *, compile: bool = False,
+    *, compile: bool = False, sam: Any = None,
 ) -> Segmenter:
     """The segmenter of one dataset: the factory's, or one built on the models with the dataset's preset values.
 
@@ -348,7 +351,7 @@ def build_segmenter(
         warnings.warn(f"preset {preset!r} has no {dataset!r} values; using the preset's defaults", stacklevel=3)
     return Segmenter(
         clip, vfm, preset=preset, dataset=ds_values, baseline=baseline, components=components, tokenizer=tokenizer,
-        device=device, text_cache=text_cache, compile=compile, **overrides,
+        device=device, text_cache=text_cache, compile=compile, sam=sam, **overrides,
     )
 
 
