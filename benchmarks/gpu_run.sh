@@ -5,10 +5,11 @@
 # (ignored through .git/info/exclude: `echo /.whl/ >> .git/info/exclude`) and carry it:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     open_clip_torch==3.3.0 timm==1.0.31 ftfy wcwidth
+#     open_clip_torch==3.3.0 timm==1.0.31 ftfy wcwidth segment-anything==1.0
 #
 # Steps and budgets (seconds): install 30 · CUDA tests 150 · suite fp16 (batch 1/8/32, e2e with 4 workers,
-# compiled CASS) 210 · suite fp32 + bf16 (forwards, NACLIP, CASS; batch 1/8) 90 · crop overhead fp16 30.
+# compiled CASS; Trident's Table 8 breakdown with SAM-B) 270 · suite fp32 + bf16 (forwards, NACLIP, CASS;
+# batch 1/8) 90 · crop overhead fp16 30.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -23,7 +24,7 @@ timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m cuda tests 2>&1 | gre
   | tee "$OUT/cuda_tests.log"
 
 # 2. the issue-13 targets: VOC-size images (500×375 → 6 windows of 224²), 21 classes, fp16
-timeout 210 python3 benchmarks/suite.py --device cuda --dtypes fp16 --batch-sizes 1,8,32 --images 20 --workers 4 \
+timeout 270 python3 benchmarks/suite.py --device cuda --dtypes fp16 --batch-sizes 1,8,32 --images 20 --workers 4 \
   --compile --out "$OUT/benchmarks_cuda_fp16.md" 2>&1 | grep -v WARNING | tail -60 | tee "$OUT/suite_fp16.log"
 
 # 3. the same rows in fp32 and bf16 for CASS and one baseline

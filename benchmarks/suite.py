@@ -519,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="prompt templates for the (untimed) text embeddings (default: 80 on CUDA, 1 on CPU-only runs, "
                         "where 80 templates of a full-size text tower take minutes)")
     p.add_argument("--methods", default=None,
-                   help="comma list to restrict the rows (clip-forward, vfm-forward, clip, <baselines>, cass)")
+                   help="comma list to restrict the rows (clip-forward, vfm-forward, clip, <baselines>, cass, "
+                        "trident)")
     p.add_argument("--out", type=Path, default=None,
                    help="also write the Markdown to this file (default: print only), e.g. docs/benchmarks.md")
     p.add_argument("--append", action="store_true", help="with --out: append a section instead of overwriting")
@@ -528,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
                         "1 on CPU-only runs; 1 is segment() one image at a time)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the CASS e2e row (default 4)")
     p.add_argument("--compile", action="store_true", help="add a CASS row with Segmenter(compile=True)")
+    p.add_argument("--trident-sam", default="vit_b", choices=("vit_b", "vit_l", "vit_h", "test"),
+                   help="SAM of the Trident rows (benchmarks/trident.py: CLIP, + DINO, + SAM, + refinement at 448²); "
+                        "they run on CUDA, and on the CPU only when --methods names 'trident' (SAM-B at 1024² takes "
+                        "about a minute per image on 2 cores)")
     args = p.parse_args(argv)
     if args.append and args.out is None:
         p.error("--append needs --out (the file to append to)")
@@ -560,8 +565,21 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in dtypes:
             rows += run_device(device, dtype, n, args.warmup, args.size, vocab, templates, methods, batch_sizes,
                                args.workers, args.compile)
+    trident_sections = []
+    for device in devices:
+        if (methods is None and device.startswith("cuda")) or (methods is not None and "trident" in methods):
+            import trident  # benchmarks/trident.py: Trident's Table 8 breakdown, its own models and image size
 
-    section = report(rows, args, devices, vocab, n_windows, resized, len(templates))
+            dtype = "fp16" if device.startswith("cuda") else "fp32"  # Table 8 is fp16
+            n = args.cpu_images if device == "cpu" else args.cuda_images
+            tri_args = argparse.Namespace(device=device, precision=dtype, sam=args.trident_sam, images=n,
+                                          size=(448, 448))
+            tri_rows = trident.run(device, dtype, args.trident_sam, n, args.warmup, (448, 448),
+                                   Vocabulary.builtin(args.vocabulary, method="proxyclip"))
+            trident_sections.append(trident.report(tri_rows, tri_args))
+
+    section = "\n\n".join([report(rows, args, devices, vocab, n_windows, resized, len(templates)),
+                            *trident_sections])
     print("\n" + section)
     if args.out is not None:
         write_report(args.out, section, append=args.append)

@@ -146,3 +146,24 @@ def test_half_precision_pipeline_on_cuda_agrees_with_float32(precision: str) -> 
     agree = (out.logits.argmax(0) == ref.logits.argmax(0)).float().mean().item()
     print(f"{precision}: {100 * agree:.2f} % of the pixels keep their float32 argmax")
     assert agree >= 0.99
+
+
+def test_trident_on_cuda_matches_cpu() -> None:
+    """Splice mode + SAM aggregation + refinement on the GPU: the logits of the CPU run, the SAM pass on the GPU."""
+    from tiny_sam import make_tiny_sam, random_image
+
+    image = torch.from_numpy(random_image(70, 100)).permute(2, 0, 1).contiguous()
+    kw = dict(preset="trident", vocabulary=["cat", "dog; puppy", "sky"], crop=64, stride=32, short_side=64,
+              **{"sam_refine.min_area": 4, "sam_refine.coarse_thresh": 0.0})
+    results = {}
+    for device in ("cpu", "cuda"):
+        clip, vfm, sam = make_tiny_clip(), make_tiny_vfm(patch_size=16), make_tiny_sam()
+        sam.model.to(device)
+        sam = type(sam)(sam.model, kind=sam.kind)
+        with cp.Segmenter(clip, vfm, sam=sam, device=device, **kw) as seg:
+            results[device] = seg.segment(image)
+    assert results["cuda"].record["sam_grids"] == results["cpu"].record["sam_grids"]
+    torch.testing.assert_close(results["cuda"].logits, results["cpu"].logits, atol=2e-3, rtol=2e-3)
+    agree = (results["cuda"].labels == results["cpu"].labels).float().mean().item()
+    print(f"trident CPU/CUDA label agreement: {agree:.4f}")
+    assert agree > 0.98
