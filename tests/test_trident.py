@@ -291,6 +291,8 @@ def test_cass_components_compose_with_sam_aggregation_in_splice_mode():
     with Segmenter(clip, vfm, preset="cass-official", vocabulary=VOCAB, mode="splice", crop=64, stride=32,
                    short_side=64) as seg:  # splice without SAM: the map stays on the CLIP grid
         assert seg.segment(_photo(64, 80), maps=False).logits.shape[-2:] == (4, 5)
+        with pytest.raises(TypeError, match="not a PreparedImage"):
+            seg.segment(seg.prepare(_photo(64, 80)))
 
 
 def test_sam_is_checked_before_anything_runs():

@@ -21,6 +21,7 @@ from cass_plugins.core.hookspecs import LabelContext, SplicedContext
 from cass_plugins.core.patch import PatchHandle, encode_tokens
 from cass_plugins.pipeline.image import ImageSource, clip_normalize, load_image, resize_short_side
 from cass_plugins.pipeline.result import SegmentationResult
+from cass_plugins.pipeline.segmenter import PreparedImage
 from cass_plugins.pipeline.vocabulary import Vocabulary
 from cass_plugins.pipeline.windows import window_grid
 
@@ -109,6 +110,9 @@ def segment_spliced(
             f"splice mode needs the crop ({cfg.crop}) and stride ({cfg.stride}) to be multiples of the CLIP patch "
             f"size {patch}, so every window starts on a patch (docs/spec/trident.md §2.2)"
         )
+    if isinstance(image, PreparedImage):
+        raise TypeError("splice mode reads the original image (SAM sees it unresized): pass the image itself, "
+                        "not a PreparedImage")
     rgb = load_image(image)
     original = (rgb.shape[-2], rgb.shape[-1])
     resized = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)
