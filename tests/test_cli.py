@@ -361,3 +361,27 @@ def test_sam_usage_errors_before_the_clip_loads(tiny_models, tmp_path, capsys, m
     assert info.value.code == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_compile_flag_reaches_the_segmenter(tiny_models, tmp_path, monkeypatch):
+    """``--compile`` is accepted by every CLI, so it must take effect: cass-segment and cass-ablate pass it on."""
+    from cass_plugins.cli import ablate
+    from cass_plugins.pipeline import segmenter as segmenter_module
+
+    seen = []
+    original = segmenter_module.Segmenter.__init__
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        original(self, *args, **{**kwargs, "compile": False})  # the flag's path, without minutes of compiling
+
+    monkeypatch.setattr(segmenter_module.Segmenter, "__init__", recording)
+    Image.fromarray(data.chelsea()[::4, ::4]).save(tmp_path / "cat.png")
+    assert cli.main(["--classes", "cat; sky", "--compile", "--out", str(tmp_path / "o"), *tiny_models,
+                     str(tmp_path / "cat.png")]) == 0
+    assert seen == [True]
+    calls = []
+    monkeypatch.setattr(ablate, "run_ablation", lambda *a, **k: calls.append(k.get("compile")) or [])
+    monkeypatch.setattr(ablate, "format_table", lambda *a, **k: "")
+    ablate.main([str(tmp_path / "cat.png"), "--classes", "cat; sky", "--rows", "1", "--compile", *tiny_models[:-1]])
+    assert calls == [True]

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_ablation(
         clip, vfm, images, rows=rows, vocabulary=vocabulary, labels=labels, num_classes=num_classes,
         preset=args.preset, dataset=args.dataset, tokenizer=tokenizer, warmup=args.warmup,
-        agreement=True if args.agreement else None, progress=True, sam=sam, **overrides,
+        agreement=True if args.agreement else None, progress=True, sam=sam, compile=args.compile, **overrides,
     )
     device = next(clip.parameters()).device
     title = (f"CASS ablation: {len(images)} image(s), preset {args.preset}"

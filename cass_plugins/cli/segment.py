@@ -246,7 +246,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         segmenter = Segmenter(
             clip, vfm, vocabulary=vocabulary, preset=config, tokenizer=tokenizer, text_cache=not args.no_cache,
-            sam=sam,
+            sam=sam, compile=args.compile,
         )
     except (ValueError, TypeError) as err:  # configuration values the Segmenter rejects
         raise _CliError(str(err)) from err

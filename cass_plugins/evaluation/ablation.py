@@ -193,6 +193,7 @@ def run_ablation(
     agreement: bool | None = None,
     progress: bool = False,
     sam: Any = None,
+    compile: bool = False,  # noqa: A002 - Segmenter's own keyword
     **overrides: Any,
 ) -> list[AblationResult]:
     """Segment ``images`` with every row and measure time, agreement with the full model and (with labels) mIoU.
@@ -213,6 +214,8 @@ def run_ablation(
         progress: show a progress bar.
         sam: the SAM model (:func:`~cass_plugins.load_sam`) of the SAM rows (``+sam-refine``, ``+sam-aggregate``);
             given to those rows only.
+        compile: ``torch.compile`` the towers of every row (``Segmenter(compile=True)``; the warm-up absorbs the
+            compilation).
 
     Returns:
         one :class:`AblationResult` per row, in table order.
@@ -244,7 +247,7 @@ def run_ablation(
     for row in order:
         kw = {**ABLATION_ROWS[row], **overrides}
         seg = Segmenter(clip_model, vfm, vocabulary=vocab, preset=preset, dataset=dataset, tokenizer=tokenizer,
-                        device=device, sam=sam if row_needs_sam(row) else None, **kw)
+                        device=device, sam=sam if row_needs_sam(row) else None, compile=compile, **kw)
         with seg:
             dev = seg.device
             for _ in range(warmup):
