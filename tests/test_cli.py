@@ -349,6 +349,9 @@ def test_trident_offline_with_local_files_writes_the_usual_outputs(tiny_models, 
 @pytest.mark.parametrize("extra, message, code", [
     (["--preset", "trident"], "sam_vit_b_01ec64.pth once and pass it: --sam-weights FILE", 1),  # offline: runtime
     (["--sam-weights", "random"], "no component uses SAM", 2),
+    (["--sam-backend", "timm"], "--sam-backend given but no component uses SAM", 2),
+    (["--preset", "trident", "--sam", "test", "--sam-weights", "random", "--sam-backend", "timm"],
+     "sam_refine needs SAM's prompt encoder and mask decoder", 2),
     (["--preset", "trident", "--sam-weights", "missing.pth"], "missing.pth", 2),
     (["--components", "ops,sam_aggregate"], "only mode='splice' builds", 2),
 ])

@@ -47,9 +47,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sam-weights", default=None, metavar="FILE",
                    help="local SAM checkpoint (Meta's sam_vit_b_01ec64.pth ...) or 'random'; needed by the SAM "
                    "components (SAM has no download here)")
-    g.add_argument("--sam-backend", default="segment_anything", choices=("segment_anything", "timm"),
+    g.add_argument("--sam-backend", default=None, choices=("segment_anything", "timm"),
                    help="segment_anything (pip install \"cass_plugins[sam]\"; aggregation and refinement) or timm "
-                   "(aggregation only) (default: %(default)s)")
+                   "(aggregation only) (default: segment_anything)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="precision of both towers; the spectral math stays float32 on CUDA (default: %(default)s)")
@@ -96,7 +96,8 @@ def sam_from_args(args: argparse.Namespace, configs: Config | Sequence[Config]) 
     """
     configs = [configs] if isinstance(configs, Config) else list(configs)
     users = [n for config in configs for n in config.components if n in ("sam_aggregate", "sam_refine")]
-    given = [flag for flag, value in (("--sam", args.sam), ("--sam-weights", args.sam_weights)) if value]
+    given = [flag for flag, value in (("--sam", args.sam), ("--sam-weights", args.sam_weights),
+                                      ("--sam-backend", args.sam_backend)) if value]
     if not users:
         if given:
             raise SettingError(
@@ -104,10 +105,17 @@ def sam_from_args(args: argparse.Namespace, configs: Config | Sequence[Config]) 
                 "...,sam_refine (any mode) / sam_aggregate (--set mode=splice)"
             )
         return None
+    if "sam_refine" in users and args.sam_backend == "timm":
+        raise SettingError(
+            "sam_refine needs SAM's prompt encoder and mask decoder, which the timm backend lacks: drop "
+            "--sam-backend timm (segment-anything: pip install \"cass_plugins[sam]\") or switch sam_refine off "
+            "(--preset trident-coarse)"
+        )
     from cass_plugins.backbone.sam import load_sam
 
     kind = args.sam or _preset_model(args, "sam", "vit_b")
-    return load_sam(kind, args.sam_weights, backend=args.sam_backend, device=args.device, precision=args.precision)
+    return load_sam(kind, args.sam_weights, backend=args.sam_backend or "segment_anything", device=args.device,
+                    precision=args.precision)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, dataset_flag: bool = True) -> None:
