@@ -59,6 +59,8 @@ class ComponentSpec:
         stage: ``"block"`` for components that edit the last block (registered before user plugins) or
             ``"text"`` for the text/logit side (registered after them), which fixes the hook call order.
         needs_vfm: the component cannot run without a VFM.
+        needs_sam: the component reads SAM (``ctx.sam`` of the image-level hooks); the pipeline then needs a SAM
+            model and encodes each image once for all such components.
         needs_prior: the component reads the presence prior (``ctx.prior`` of the text hooks); the patch then
             computes it, once per image (:meth:`~cass_plugins.core.patch.PatchHandle.logits`).
         check: ``check(config)`` raises ValueError for a configuration it cannot run in (e.g. a baseline without
@@ -75,6 +77,7 @@ class ComponentSpec:
     summary: str = ""
     stage: str = "text"
     needs_vfm: bool = False
+    needs_sam: bool = False
     needs_prior: bool = False
     check: Callable[["Config"], None] | None = None
     baseline_settings: Mapping[str, Any] = field(default_factory=dict)

@@ -67,12 +67,11 @@ ABLATION_ROWS: dict[str, dict[str, Any]] = {
 #: The rows of the paper's Table 3 (what ``all`` runs); the others extend it.
 PAPER_ROWS: tuple[str, ...] = ("vanilla", "+vfm-graph", "+matching", "+low-rank", "+eigenscaling", "+ops", "+ota")
 
-_SAM_COMPONENTS = ("sam_aggregate", "sam_refine")
-
-
 def row_needs_sam(row: str) -> bool:
-    """Whether an ablation row switches on a SAM component."""
-    return any(c in _SAM_COMPONENTS for c in ABLATION_ROWS[row].get("components", ()))
+    """Whether an ablation row switches on a SAM component (``ComponentSpec.needs_sam``)."""
+    from cass_plugins.core.registry import REGISTRY
+
+    return any(REGISTRY.component(c).needs_sam for c in ABLATION_ROWS[row].get("components", ()))
 
 #: The full model's row (the reference of the agreement column).
 FULL_ROW = "+ota"

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from cass_plugins.core.hookspecs import LabelContext, SplicedContext
 from cass_plugins.core.patch import PatchHandle, encode_tokens
+from cass_plugins.core.registry import REGISTRY
 from cass_plugins.pipeline.image import ImageSource, clip_normalize, load_image, resize_short_side
 from cass_plugins.pipeline.result import SegmentationResult
 from cass_plugins.pipeline.segmenter import PreparedImage
@@ -31,10 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cass_plugins.core.config import Config
     from cass_plugins.pipeline.segmenter import Segmenter
 
-__all__ = ["SAM_COMPONENTS", "SamImage", "check_sam", "refine_decided_labels", "sam_for_image", "segment_spliced"]
-
-#: The built-in components that read SAM.
-SAM_COMPONENTS = ("sam_aggregate", "sam_refine")
+__all__ = ["SamImage", "check_sam", "refine_decided_labels", "sam_for_image", "sam_users", "segment_spliced"]
 
 
 class SamImage:
@@ -51,9 +49,14 @@ class SamImage:
         return self._encoding
 
 
+def sam_users(config: Config) -> list[str]:
+    """The switched-on components that read SAM (``ComponentSpec.needs_sam``)."""
+    return [name for name in config.components if REGISTRY.component(name).needs_sam]
+
+
 def check_sam(config: Config, sam: Any) -> None:
     """Refuse a SAM model nothing uses, SAM components without one, and refinement with an encoder-only SAM."""
-    users = [name for name in config.components if name in SAM_COMPONENTS]
+    users = sam_users(config)
     if sam is None and users:
         raise ValueError(
             f"{', '.join(users)} need{'s' if len(users) == 1 else ''} a SAM model: pass "

@@ -103,11 +103,12 @@ COMPONENTS = (
     ComponentSpec(
         name="sam_aggregate", config_class=SamAggregateConfig, factory=SamAggregate,
         summary="Trident SAM aggregation: the spliced pre-head map aggregated with SAM's last-block affinity",
-        check=_check_aggregate,
+        check=_check_aggregate, needs_sam=True,
     ),
     ComponentSpec(
         name="sam_refine", config_class=SamRefineConfig, factory=SamRefine,
         summary="Trident SAM refinement: SAM masks prompted from the coarse labels replace them where confident",
+        needs_sam=True,
     ),
 )
 
