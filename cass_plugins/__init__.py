@@ -28,6 +28,7 @@ from cass_plugins.pipeline.segmenter import SegmentationResult, Segmenter
 from cass_plugins.pipeline.vocabulary import Vocabulary
 from cass_plugins.trident.affinity import sam_affinity
 from cass_plugins.trident.plugin import SamAggregate, SamAggregateConfig, SamRefine
+from cass_plugins.video.segment import VideoFrameResult, segment_video
 
 __version__ = "0.2.0"
 
@@ -39,5 +40,5 @@ __all__ = [
     "PresencePriorHead", "PresencePriorConfig", "TextEmbeddingAdjuster", "OTAConfig", "Segmenter",
     "SegmentationResult", "Vocabulary", "load_clip", "load_vfm", "WeightsUnavailableError",
     "encode_tokens", "DenseTokens", "load_sam", "SamBackbone", "sam_affinity", "SamAggregate", "SamAggregateConfig",
-    "SamRefine",
+    "SamRefine", "segment_video", "VideoFrameResult",
 ]
