@@ -440,3 +440,12 @@ def test_cass_eval_trident_runs_on_the_eight_dataset_layouts(tmp_path, monkeypat
     assert results["cityscapes"]["config"]["sam_aggregate"]["split"] == "halves"
     assert results["voc20"]["config"]["sam_aggregate"]["cos_fac"] == 0.0
     assert results["ade20k"]["config"]["sam_aggregate"]["neg_fallback"] == 0.6
+
+
+def test_sam_on_another_device_than_the_clip_is_refused():
+    clip, vfm = make_tiny_clip(), make_tiny_vfm(patch_size=16)
+    sam = identity_sam((2, 2))
+    sam.device = torch.device("meta")  # a device the CLIP is not on (no GPU needed to show the check)
+    with pytest.raises(ValueError, match="SAM is on meta but the CLIP model on cpu: pass device="):
+        Segmenter(clip, vfm, preset="trident-coarse", vocabulary=VOCAB, sam=sam)
+    assert not hasattr(clip.visual, "_cass_patch_handle")

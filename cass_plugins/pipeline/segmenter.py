@@ -133,6 +133,8 @@ class Segmenter:
         if device is not None:
             clip_model = clip_model.to(device)
             vfm = vfm.to(device) if vfm is not None else None
+            if sam is not None and hasattr(sam, "model"):
+                sam.model.to(device)  # SAM keeps its own precision (load_sam(precision=...))
         if precision is not None:
             clip_model = clip_model.to(PRECISIONS[precision])
             vfm = vfm.to(PRECISIONS[precision]) if vfm is not None else None
@@ -147,6 +149,13 @@ class Segmenter:
             from cass_plugins.trident.pipeline import check_sam  # the SAM stages live with Trident
 
             check_sam(self.config, sam)
+            sam_device = getattr(sam, "device", None)
+            clip_device = next(clip_model.parameters()).device
+            if sam_device is not None and torch.device(sam_device) != clip_device:
+                raise ValueError(
+                    f"SAM is on {sam_device} but the CLIP model on {clip_device}: pass device= to the Segmenter "
+                    "(it moves all the models) or load_sam(..., device=...)"
+                )
             self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(None)
         except BaseException:
             self.handle.remove()  # leave the model as we found it

@@ -106,6 +106,6 @@ def aggregate(features: Tensor, affinities: Sequence[Tensor], grids: Sequence[tu
         if a.shape != (h * w, h * w):
             raise ValueError(f"affinity of shape {tuple(a.shape)} does not match the SAM grid {h}x{w}")
         z = F.interpolate(_at_least_f32(piece[None]), size=(h, w), mode="bilinear", align_corners=False)[0]
-        z = a.to(z.dtype) @ z.reshape(d, h * w).T  # (M, D): rows are SAM tokens, row-major
+        z = a.to(device=z.device, dtype=z.dtype) @ z.reshape(d, h * w).T  # (M, D): rows are SAM tokens, row-major
         out.append(z.T.reshape(d, h, w))
     return torch.cat(out, dim=2)
