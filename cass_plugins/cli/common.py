@@ -95,7 +95,9 @@ def sam_from_args(args: argparse.Namespace, configs: Config | Sequence[Config]) 
         SettingError: ``--sam``/``--sam-weights`` given while no component uses SAM.
     """
     configs = [configs] if isinstance(configs, Config) else list(configs)
-    users = [n for config in configs for n in config.components if REGISTRY.component(n).needs_sam]
+    from cass_plugins.trident.pipeline import sam_users
+
+    users = [name for config in configs for name in sam_users(config)]
     given = [flag for flag, value in (("--sam", args.sam), ("--sam-weights", args.sam_weights),
                                       ("--sam-backend", args.sam_backend)) if value]
     if not users:

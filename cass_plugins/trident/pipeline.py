@@ -20,7 +20,7 @@ from torch import Tensor
 from cass_plugins.core.hookspecs import LabelContext, SplicedContext
 from cass_plugins.core.patch import PatchHandle, encode_tokens
 from cass_plugins.core.registry import REGISTRY
-from cass_plugins.pipeline.image import ImageSource, clip_normalize, load_image, resize_short_side
+from cass_plugins.pipeline.image import ImageSource, load_image
 from cass_plugins.pipeline.result import SegmentationResult
 from cass_plugins.pipeline.segmenter import PreparedImage
 from cass_plugins.pipeline.vocabulary import Vocabulary
@@ -117,9 +117,8 @@ def segment_spliced(
         raise TypeError("splice mode reads the original image (SAM sees it unresized): pass the image itself, "
                         "not a PreparedImage")
     rgb = load_image(image)
-    original = (rgb.shape[-2], rgb.shape[-1])
-    resized = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)
-    x = resize_to_patch_multiple(clip_normalize(resized)[None].to(segmenter.device), patch, cfg.crop)
+    x, original = segmenter.preprocess(rgb)  # the short-side resize and normalisation of every mode
+    x = resize_to_patch_multiple(x, patch, cfg.crop)
     text = segmenter.text_embeddings(vocabulary)
     handle.begin_image(x, text, vocabulary=vocabulary, embed_text=segmenter._embed_names)
 
@@ -130,9 +129,9 @@ def segment_spliced(
     tokens = encode_tokens(segmenter.model, crops)
     handle.record_windows(windows)
     window_maps, ratio = align_to_clip_grid(tokens.patches.permute(0, 3, 1, 2), (cfg.crop // patch, cfg.crop // patch))
-    step = patch // ratio if patch % ratio == 0 else None
-    if step is None:
+    if patch % ratio:
         raise ValueError(f"the block's output grid is {ratio}x the CLIP grid, which does not divide the patch {patch}")
+    step = patch // ratio
     boxes = [(y1 // step, y2 // step, x1 // step, x2 // step) for (y1, y2, x1, x2) in windows]
     spliced = splice_windows(window_maps, boxes, (height // step, width // step))
 
